@@ -1,0 +1,167 @@
+"""The Call vocabulary over FastAGI (Asterisk)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agi.protocol import command, quote
+from agi.session import AgiSession
+from shopcall.call import (
+    Call,
+    CallEnded,
+    CallInfo,
+    DialResult,
+    DialStatus,
+    DialStrategy,
+    RecordResult,
+    SoundSource,
+    check_endpoint,
+    check_var_name,
+)
+
+log = logging.getLogger("shopcall.agi")
+
+_DIALSTATUS = {
+    "ANSWER": DialStatus.ANSWERED,
+    "NOANSWER": DialStatus.NOANSWER,
+    "BUSY": DialStatus.BUSY,
+    "CANCEL": DialStatus.CALLER_GONE,
+}
+# Q.850 causes for the few ways a flow ends a call
+_CAUSES = {"normal": 16, "busy": 17, "noanswer": 19, "rejected": 21, "congestion": 34}
+
+
+def sound_seconds(base: Path) -> float:
+    """How long a sound plays, from its size; used only to size the command timeout."""
+    for ext, bytes_per_s in ((".wav", 16000), (".ulaw", 8000), (".alaw", 8000), (".sln", 16000), (".gsm", 1650)):
+        f = base.with_name(base.name + ext)
+        if f.exists():
+            return max(0.0, (f.stat().st_size - 44) / bytes_per_s)
+    return 30.0
+
+
+class AgiCall(Call):
+    def __init__(
+        self,
+        session: AgiSession,
+        info: CallInfo,
+        sounds: SoundSource,
+        *,
+        endpoint_template: str = "PJSIP/{endpoint}",
+        pbx_path: Callable[[Path], str] = str,
+        max_call_seconds: int = 14400,
+    ) -> None:
+        super().__init__(info, sounds)
+        self.session = session
+        self.endpoint_template = endpoint_template
+        self.pbx_path = pbx_path  # our path of a file → the path Asterisk sees (chroot, other host)
+        self.max_call_seconds = max_call_seconds
+
+    async def _send(self, *parts: str, timeout: float | None = None):
+        if self.session.hung_up:
+            raise CallEnded("caller hung up")
+        return await self.session.send(command(*parts), timeout=timeout)
+
+    async def answer(self) -> None:
+        await self._send("ANSWER")
+
+    async def stream(self, sound: Path, *, escape: str = "") -> str | None:
+        reply = await self._send(
+            "STREAM FILE", quote(self.pbx_path(sound)), quote(escape),
+            timeout=sound_seconds(sound) + self.session.command_timeout,
+        )
+        code = reply.result_int
+        if code > 0:
+            return chr(code)
+        if code < 0 and not self.session.hung_up:
+            log.warning("%s: could not play %s", self.info.uniqueid, sound)
+        return None
+
+    async def collect(self, sound: Path | None, *, max_digits: int, timeout: float) -> str | None:
+        if sound is None:
+            if max_digits == 1:
+                reply = await self._send(
+                    "WAIT FOR DIGIT", str(int(timeout * 1000)), timeout=timeout + self.session.command_timeout
+                )
+                return chr(reply.result_int) if reply.result_int > 0 else None
+            sound_arg, length = "silence/1", 1.0
+        else:
+            sound_arg, length = self.pbx_path(sound), sound_seconds(sound)
+        reply = await self._send(
+            "GET DATA", quote(sound_arg), str(int(timeout * 1000)), str(int(max_digits)),
+            timeout=length + timeout + self.session.command_timeout,
+        )
+        digits = reply.result if reply.result and not reply.result.startswith("-") else ""
+        return digits or None
+
+    async def dial(
+        self,
+        endpoints: Sequence[str],
+        *,
+        strategy: DialStrategy = DialStrategy.RINGALL,
+        timeout: int = 20,
+        caller_name: str | None = None,
+    ) -> DialResult:
+        names = [check_endpoint(e) for e in endpoints]
+        if not names:
+            return DialResult(DialStatus.FAILED, detail="no endpoints")
+        if caller_name is not None:
+            await self.set_var("CALLERID(name)", caller_name)
+        if strategy == DialStrategy.RINGALL:
+            return await self._dial_once(names, timeout)
+        result = DialResult(DialStatus.NOANSWER)
+        for name in names:  # hunt: each in turn for the full timeout
+            result = await self._dial_once([name], timeout)
+            if result.status in (DialStatus.ANSWERED, DialStatus.CALLER_GONE):
+                break
+        return result
+
+    async def _dial_once(self, names: list[str], timeout: int) -> DialResult:
+        target = "&".join(self.endpoint_template.format(endpoint=n) for n in names)
+        started = time.monotonic()
+        # g: when the agent hangs up, come back to us (to log the call, run the survey) instead of ending
+        await self._send(
+            "EXEC", "Dial", quote(f"{target},{int(timeout)},g"),
+            timeout=timeout + self.max_call_seconds + self.session.command_timeout,
+        )
+        status = (await self.get_var("DIALSTATUS")) or ""
+        peer = (await self.get_var("DIALEDPEERNAME")) or ""
+        answered_time = await self.get_var("ANSWEREDTIME")
+        answered = None
+        for n in names:
+            if peer.startswith(self.endpoint_template.format(endpoint=n) + "-"):
+                answered = n
+        talk = float(answered_time) if answered_time and answered_time.replace(".", "", 1).isdigit() else 0.0
+        log.info(
+            "%s: Dial %s -> %s %s (%.1f s)", self.info.uniqueid, target, status, peer, time.monotonic() - started
+        )
+        return DialResult(_DIALSTATUS.get(status, DialStatus.FAILED), answered, talk, status)
+
+    async def record(
+        self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5, beep: bool = True
+    ) -> RecordResult:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        parts = ["RECORD FILE", quote(self.pbx_path(path)), "wav", quote("#"), str(max_seconds * 1000), "0"]
+        if beep:
+            parts.append("BEEP")
+        if silence_seconds:
+            parts.append(f"s={int(silence_seconds)}")
+        reply = await self._send(*parts, timeout=max_seconds + self.session.command_timeout + 5)
+        ended_by = {"timeout": "maxtime", "dtmf": "dtmf", "hangup": "hangup"}.get(reply.data or "", "silence")
+        return RecordResult(path.with_suffix(".wav"), time.monotonic() - started, ended_by)
+
+    async def set_var(self, name: str, value: str) -> None:
+        await self._send("SET VARIABLE", check_var_name(name), quote(value))
+
+    async def get_var(self, name: str) -> str | None:
+        reply = await self.session.send(command("GET VARIABLE", check_var_name(name)))
+        return reply.data if reply.result == "1" else None
+
+    async def hangup(self, cause: str = "normal") -> None:
+        if self.session.hung_up:
+            return
+        await self._send("EXEC", "Hangup", str(_CAUSES.get(cause, 16)))

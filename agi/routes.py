@@ -1,0 +1,68 @@
+"""Every registered flow as a FastAGI route: agi://host:port/<flow name>[?number=...]."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from agi.call import AgiCall
+from agi.protocol import Script
+from agi.server import Handler
+from agi.session import AgiSession
+from shopcall.app import App
+from shopcall.call import CallInfo
+from shopcall.flows import Flow
+
+_NO_VALUE = {"unknown", "<unknown>", ""}  # what Asterisk writes when it has no caller number or name
+
+
+def call_info(env: Mapping[str, str], script: Script) -> CallInfo:
+    number = env.get("agi_callerid", "")
+    name = env.get("agi_calleridname", "")
+    return CallInfo(
+        uniqueid=env.get("agi_uniqueid", ""),
+        pbx="asterisk",
+        caller_number="" if number in _NO_VALUE else number,
+        caller_name="" if name in _NO_VALUE else name,
+        # the dialplan may pass the dialled number explicitly when the extension is rewritten before us
+        dialled_number=script.args.get("number") or env.get("agi_extension", ""),
+        channel=env.get("agi_channel", ""),
+        language=env.get("agi_language", "ru"),
+        script=script.name,
+        args=script.args,
+        extra=dict(env),
+    )
+
+
+def path_mapper(local_root: Path, pbx_root: str):
+    """Files under our sounds dir are seen by Asterisk under `pbx_root` (another host, a chroot)."""
+    local = str(local_root).rstrip("/")
+    remote = pbx_root.rstrip("/")
+
+    def to_pbx(path: Path) -> str:
+        text = str(path)
+        if remote != local and (text == local or text.startswith(local + "/")):
+            return remote + text[len(local):]
+        return text
+
+    return to_pbx
+
+
+def agi_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
+    to_pbx = path_mapper(app.config.sounds_dir, str(app.config.asterisk_sounds_path))
+
+    def route(flow: Flow) -> Handler:
+        async def handle(session: AgiSession, env: dict[str, str], script: Script) -> None:
+            call = AgiCall(
+                session,
+                call_info(env, script),
+                app.prompts,
+                endpoint_template=app.config.asterisk.endpoint_template,
+                pbx_path=to_pbx,
+                max_call_seconds=app.config.agi.max_call_seconds,
+            )
+            await flow(call, app)
+
+        return handle
+
+    return {name: route(fn) for name, fn in flows.items()}

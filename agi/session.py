@@ -1,0 +1,94 @@
+"""One FastAGI connection: send a command, read its reply, under a timeout, in bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agi.protocol import AgiProtocolError, Reply, decode, parse_reply
+from shopcall.call import CallEnded, PbxError
+
+log = logging.getLogger("shopcall.agi")
+
+MAX_STRAY_LINES = 50  # lines that are not replies (leftovers of a broken header block) before we give up
+
+
+class AgiSession:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        command_timeout: float = 10.0,
+        tag: str = "",
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.command_timeout = command_timeout
+        self.tag = tag
+        self.hung_up = False  # Asterisk said HANGUP: the channel is gone, only dead-channel commands work
+        self.closed = False
+        self._lock = asyncio.Lock()
+
+    async def send(self, line: bytes, *, timeout: float | None = None) -> Reply:
+        """Send one command and return its 200 reply; a dead channel raises CallEnded, an error PbxError."""
+        if self.closed:
+            raise CallEnded("FastAGI connection closed")
+        async with self._lock:  # one command in flight: replies carry no id to match them by
+            try:
+                self.writer.write(line)
+                await self.writer.drain()
+                reply = await asyncio.wait_for(self._read_reply(), timeout or self.command_timeout)
+            except TimeoutError:
+                self.closed = True
+                raise PbxError(
+                    f"{self.tag}: no reply to {line.decode(errors='replace').strip()!r} "
+                    f"within {timeout or self.command_timeout:.0f} s"
+                ) from None
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                self.closed = True
+                raise CallEnded(f"FastAGI connection lost: {exc}") from None
+        if reply.code == 200:
+            return reply
+        if reply.code == 511:
+            self.hung_up = True
+            raise CallEnded("channel is dead (511)")
+        raise PbxError(f"{self.tag}: {line.decode(errors='replace').strip()!r} -> {reply.text}")
+
+    async def _read_reply(self) -> Reply:
+        stray = 0
+        while True:
+            raw = await self.reader.readline()
+            if not raw:
+                raise asyncio.IncompleteReadError(b"", None)
+            line = decode(raw).rstrip("\r\n")
+            if line == "HANGUP":
+                self.hung_up = True
+                log.info("%s: caller hung up", self.tag)
+                continue
+            if line.startswith("520-"):  # multi-line usage text ends with "520 End of proper usage."
+                text = [line]
+                while not line.startswith("520 "):
+                    raw = await self.reader.readline()
+                    if not raw:
+                        raise asyncio.IncompleteReadError(b"", None)
+                    line = decode(raw).rstrip("\r\n")
+                    text.append(line)
+                return Reply(520, "", None, None, "\n".join(text))
+            try:
+                return parse_reply(line)
+            except AgiProtocolError:
+                stray += 1
+                log.warning("%s: ignoring a line that is not an AGI reply: %r", self.tag, line[:120])
+                if stray > MAX_STRAY_LINES:
+                    raise PbxError(f"{self.tag}: too many lines that are not AGI replies") from None
+
+    async def close(self) -> None:
+        if self.closed and self.writer.is_closing():
+            return
+        self.closed = True
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (OSError, TimeoutError):
+            pass

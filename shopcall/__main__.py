@@ -1,0 +1,5 @@
+import sys
+
+from shopcall.cli import main
+
+sys.exit(main())

@@ -1,0 +1,181 @@
+"""One row per call in `calls`, plus the callback request a missed call leaves.
+
+A row is written once, when the flow ends, as an upsert on the PBX's uniqueid, so a retry never makes a
+second row. If PostgreSQL is unreachable the row goes to a local spool file and is replayed later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+log = logging.getLogger("shopcall.calllog")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class CallRecord:
+    uniqueid: str
+    pbx: str
+    caller_number: str
+    caller_name: str
+    dialled_number: str
+    caller_e164: str | None = None
+    started_at: datetime = field(default_factory=now)
+    direction: str = "inbound"
+    group_name: str | None = None
+    menu_choice: str | None = None
+    answered_at: datetime | None = None
+    ended_at: datetime | None = None
+    answered_endpoint: str | None = None
+    outcome: str = "abandoned"
+    missed: bool = True
+    recording_path: str | None = None
+    callback_reason: str | None = None  # set → a callback request is created with the row
+    route_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def step(self, what: str, **details: Any) -> None:
+        """Note a routing step; the list is stored with the row to answer "why did it go there"."""
+        self.route_log.append({"at": now().isoformat(timespec="milliseconds"), "step": what, **details})
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for key in ("started_at", "answered_at", "ended_at"):
+            if data[key] is not None:
+                data[key] = data[key].isoformat()
+        return json.dumps(data, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> CallRecord:
+        data = json.loads(text)
+        for key in ("started_at", "answered_at", "ended_at"):
+            if data.get(key):
+                data[key] = datetime.fromisoformat(data[key])
+        return cls(**data)
+
+
+_UPSERT = """
+INSERT INTO calls (uniqueid, pbx, direction, caller_number, caller_e164, caller_name, dialled_number,
+                   customer_id, group_id, menu_choice, started_at, answered_at, ended_at, answered_by,
+                   answered_endpoint, outcome, missed, recording_path, route_log)
+VALUES (%(uniqueid)s, %(pbx)s, %(direction)s, %(caller_number)s, %(caller_e164)s, %(caller_name)s,
+        %(dialled_number)s,
+        (SELECT id FROM customers WHERE phone = %(caller_e164)s),
+        (SELECT id FROM groups WHERE name = %(group_name)s),
+        %(menu_choice)s, %(started_at)s, %(answered_at)s, %(ended_at)s,
+        (SELECT id FROM employees WHERE endpoint = %(answered_endpoint)s),
+        %(answered_endpoint)s, %(outcome)s, %(missed)s, %(recording_path)s, %(route_log)s)
+ON CONFLICT (uniqueid) DO UPDATE SET
+    group_id = EXCLUDED.group_id, menu_choice = EXCLUDED.menu_choice, answered_at = EXCLUDED.answered_at,
+    ended_at = EXCLUDED.ended_at, answered_by = EXCLUDED.answered_by,
+    answered_endpoint = EXCLUDED.answered_endpoint, outcome = EXCLUDED.outcome, missed = EXCLUDED.missed,
+    recording_path = COALESCE(EXCLUDED.recording_path, calls.recording_path),
+    route_log = calls.route_log || EXCLUDED.route_log
+RETURNING id, customer_id, group_id, answered_by
+"""
+
+
+class CallLog:
+    def __init__(self, pool: AsyncConnectionPool, spool_dir: Path) -> None:
+        self.pool = pool
+        self.spool = spool_dir / "calls.jsonl"
+        self._spool_lock = asyncio.Lock()
+
+    async def save(self, rec: CallRecord) -> bool:
+        """Write the row (and callback request); on a database failure spool it. True if it reached the DB."""
+        try:
+            await self._write(rec)
+            return True
+        except (psycopg.OperationalError, PoolTimeout, OSError) as exc:
+            log.error("%s: database unavailable (%s): call row kept in %s", rec.uniqueid, exc, self.spool)
+            await self._append_spool(rec)
+            return False
+
+    async def _write(self, rec: CallRecord) -> None:
+        params = asdict(rec)
+        params["route_log"] = Jsonb(rec.route_log)
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(_UPSERT, params)
+            row = await cur.fetchone()
+            assert row is not None
+            if row["answered_by"]:
+                await conn.execute(
+                    "UPDATE employees SET last_call_at = %s WHERE id = %s", (rec.answered_at, row["answered_by"])
+                )
+                if row["customer_id"]:
+                    await conn.execute(
+                        "UPDATE customers SET last_manager_id = %s WHERE id = %s",
+                        (row["answered_by"], row["customer_id"]),
+                    )
+            if rec.callback_reason and rec.caller_e164:
+                # one open request per phone (a partial unique index): a repeat caller refreshes it
+                await conn.execute(
+                    """
+                    INSERT INTO callback_requests (call_id, phone, customer_id, group_id, reason)
+                    VALUES (%s, %s, %s, %s, %s)
+                    ON CONFLICT (phone) WHERE status IN ('pending', 'in_progress')
+                    DO UPDATE SET call_id = EXCLUDED.call_id, reason = EXCLUDED.reason
+                    """,
+                    (row["id"], rec.caller_e164, row["customer_id"], row["group_id"], rec.callback_reason),
+                )
+
+    async def _append_spool(self, rec: CallRecord) -> None:
+        async with self._spool_lock:
+            await asyncio.to_thread(self._append_sync, rec.to_json())
+
+    def _append_sync(self, line: str) -> None:
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        with self.spool.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def replay_spool(self) -> int:
+        """Write spooled rows to the database; rows that still fail stay in the spool. Returns rows written."""
+        async with self._spool_lock:
+            if not self.spool.exists():
+                return 0
+            lines = [ln for ln in self.spool.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            kept: list[str] = []
+            written = 0
+            for i, line in enumerate(lines):
+                try:
+                    rec = CallRecord.from_json(line)
+                except (ValueError, TypeError) as exc:
+                    log.error("spool line %d is unreadable (%s); moved to calls.bad", i + 1, exc)
+                    with self.spool.with_suffix(".bad").open("a", encoding="utf-8") as bad:
+                        bad.write(line + "\n")
+                    continue
+                try:
+                    await self._write(rec)
+                    written += 1
+                except (psycopg.OperationalError, PoolTimeout, OSError):
+                    kept = lines[i:]
+                    break
+            tmp = self.spool.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+            os.replace(tmp, self.spool)
+            if written:
+                log.info("replayed %d spooled call rows (%d left)", written, len(kept))
+            return written
+
+    async def replay_forever(self, interval: float = 30.0) -> None:
+        while True:
+            try:
+                await self.replay_spool()
+            except Exception:
+                log.exception("spool replay failed")
+            await asyncio.sleep(interval)

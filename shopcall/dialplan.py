@@ -1,0 +1,50 @@
+"""Render the PBX-side contexts an admin includes (dialplan/*.j2) from the configuration and directory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jinja2
+from psycopg_pool import AsyncConnectionPool
+
+from shopcall.call import check_endpoint
+from shopcall.config import Config
+
+log = logging.getLogger("shopcall.dialplan")
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "dialplan"
+PBXES = ("asterisk",)  # FreeSWITCH XML comes with the ESL issue
+
+
+async def fallback_members(pool: AsyncConnectionPool, group: str) -> list[str]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT e.endpoint FROM groups g JOIN group_members gm ON gm.group_id = g.id
+               JOIN employees e ON e.id = gm.employee_id WHERE g.name = %s ORDER BY gm.position, e.id""",
+            (group,),
+        )
+        return [row["endpoint"] for row in await cur.fetchall()]
+
+
+def render(config: Config, pbx: str, fallback_endpoints: list[str], include_path: str) -> str:
+    if pbx not in PBXES:
+        raise ValueError(f"no dialplan for {pbx!r} yet (available: {', '.join(PBXES)})")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+    )
+    # endpoint names are validated, so nothing from the database can change the Dial() arguments
+    dial = "&".join(
+        config.asterisk.endpoint_template.format(endpoint=check_endpoint(e)) for e in fallback_endpoints
+    )
+    if not dial:
+        log.warning("fallback group %r has no members: the rendered fallback plays congestion",
+                    config.asterisk.fallback_group)
+    return env.get_template(f"{pbx}.conf.j2").render(
+        prefix=config.asterisk.context_prefix,
+        agi_url=config.agi_url,
+        fallback_group=config.asterisk.fallback_group,
+        fallback_dial=dial,
+        fallback_timeout=config.inbound.ring_timeout,
+        include_path=include_path,
+    )

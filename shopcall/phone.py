@@ -1,0 +1,36 @@
+"""Phone numbers: everything we store or dial is E.164, normalised here and nowhere else."""
+
+from __future__ import annotations
+
+import phonenumbers
+
+
+class InvalidPhone(ValueError):
+    pass
+
+
+def to_e164(raw: str, region: str = "RU") -> str | None:
+    """E.164 for a number as a PBX or a shop gives it ("8 916 …", "7916…", "+44…"); None if it is not one
+    (an internal extension, "anonymous", garbage)."""
+    text = (raw or "").strip()
+    if not text or len(text) > 40:
+        return None
+    candidates = [text]
+    digits = "".join(ch for ch in text if ch.isdigit())
+    if not text.startswith("+") and digits:
+        candidates.append("+" + digits)  # a foreign number delivered without its "+"
+    for candidate in candidates:
+        try:
+            number = phonenumbers.parse(candidate, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number):
+            return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return None
+
+
+def require_e164(raw: str, region: str = "RU") -> str:
+    e164 = to_e164(raw, region)
+    if e164 is None:
+        raise InvalidPhone(f"not a valid phone number: {raw!r}")
+    return e164

@@ -1,0 +1,89 @@
+"""`shopcall serve`: every part in one process by default, or one part with --only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import psycopg
+
+from shopcall import db
+from shopcall.app import App
+from shopcall.config import Config
+from shopcall.flows import load_all
+
+log = logging.getLogger("shopcall.serve")
+
+PARTS = ("agi", "esl", "api", "dialler")
+AVAILABLE = ("agi",)  # the others arrive with their issues (FreeSWITCH, outbound campaigns)
+
+
+class PartUnavailable(Exception):
+    pass
+
+
+async def open_database(config: Config) -> tuple[str, object]:
+    """Resolve the URL (starting the embedded server if none is configured), migrate, open the pool.
+
+    A database that is down does not stop the FastAGI server: calls fall back to the dialplan's default
+    group and their rows wait in the spool; the pool keeps trying to reconnect.
+    """
+    url = await db.resolve_url(config.database.url, config.pgdata)
+    try:
+        applied = await db.migrate_url(url)
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+    except psycopg.OperationalError as exc:
+        log.error("database unreachable at start-up (%s): serving calls with the dialplan fallback", exc)
+    pool = db.open_pool(
+        url,
+        min_size=config.database.pool_min,
+        max_size=config.database.pool_max,
+        timeout=config.database.connect_timeout,
+    )
+    await pool.open(wait=False)
+    return url, pool
+
+
+async def serve(config: Config, only: str | None = None, ready: asyncio.Event | None = None) -> None:
+    parts = [only] if only else list(AVAILABLE)
+    for part in parts:
+        if part not in AVAILABLE:
+            raise PartUnavailable(f"--only {part}: this part is not built yet (available: {', '.join(AVAILABLE)})")
+
+    _, pool = await open_database(config)
+    app = App.build(config, pool)
+    summary = await app.prompts.build_all()
+    log.info("prompts ready: %s", summary)
+
+    from agi.routes import agi_routes
+    from agi.server import FastAgiServer
+
+    agi = FastAgiServer(
+        agi_routes(app, load_all()),
+        host=config.agi.listen,
+        port=config.agi.port,
+        allow=config.agi.allow,
+        command_timeout=config.agi.command_timeout,
+        backlog=config.agi.backlog,
+    )
+    await agi.start()
+    replay = asyncio.create_task(app.calllog.replay_forever(), name="spool-replay")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready:
+        ready.set()
+    log.info("shopcall serving: %s", ", ".join(parts))
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: letting live calls finish (up to 5 s)")
+        replay.cancel()
+        await agi.stop(grace=5.0)
+        await pool.close()

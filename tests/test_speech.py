@@ -1,0 +1,115 @@
+from datetime import date
+from decimal import Decimal
+
+import pytest
+
+from shopcall.speech import date_text, digits_text, money_text, number_text
+
+
+@pytest.mark.parametrize(
+    ("n", "ru", "en"),
+    [
+        (0, "ноль", "zero"),
+        (1, "один", "one"),
+        (2, "два", "two"),
+        (5, "пять", "five"),
+        (11, "одиннадцать", "eleven"),
+        (21, "двадцать один", "twenty-one"),
+        (22, "двадцать два", "twenty-two"),
+        (101, "сто один", "one hundred and one"),
+        (1000, "одна тысяча", "one thousand"),
+        (2000000, "два миллиона", "two million"),
+    ],
+)
+def test_number_text(n: int, ru: str, en: str) -> None:
+    assert number_text(n, "ru") == ru
+    assert number_text(n, "en") == en
+
+
+def test_digits_text() -> None:
+    assert digits_text("79161234567", "ru") == "семь девять один шесть один два три четыре пять шесть семь"
+    assert digits_text("+7 (916) 123-45-67", "ru") == (
+        "плюс семь, девять один шесть, один два три, четыре пять, шесть семь"
+    )
+    assert digits_text("*100#", "ru") == "звёздочка один ноль ноль решётка"
+    assert digits_text("+1 202", "en") == "plus one, two zero two"
+    assert digits_text("", "ru") == ""
+
+
+@pytest.mark.parametrize(
+    ("amount", "ru", "en"),
+    [
+        (1, "один рубль", "one rouble"),
+        (2, "два рубля", "two roubles"),
+        (5, "пять рублей", "five roubles"),
+        (11, "одиннадцать рублей", "eleven roubles"),
+        (21, "двадцать один рубль", "twenty-one roubles"),
+        (Decimal("21.50"), "двадцать один рубль пятьдесят копеек", "twenty-one roubles and fifty kopeks"),
+        (21.5, "двадцать один рубль пятьдесят копеек", "twenty-one roubles and fifty kopeks"),
+        (Decimal("0.01"), "одна копейка", "one kopek"),
+        (Decimal("2.02"), "два рубля две копейки", "two roubles and two kopeks"),
+        (0, "ноль рублей", "zero roubles"),
+        (1500, "одна тысяча пятьсот рублей", "one thousand, five hundred roubles"),
+        (Decimal("-3"), "минус три рубля", "minus three roubles"),
+        (Decimal("0.005"), "одна копейка", "one kopek"),  # rounded half up to kopecks
+    ],
+)
+def test_money_rub(amount: Decimal | int | float, ru: str, en: str) -> None:
+    assert money_text(amount, "RUB", "ru") == ru
+    assert money_text(amount, "RUB", "en") == en
+
+
+def test_money_default_is_rubles_in_russian() -> None:
+    assert money_text(5) == "пять рублей"
+
+
+def test_money_other_currencies() -> None:
+    assert money_text(Decimal("1.01"), "USD", "en") == "one dollar and one cent"
+    assert money_text(Decimal("2.50"), "USD", "ru") == "два доллара пятьдесят центов"
+    assert money_text(5, "EUR", "ru") == "пять евро"
+    assert money_text(Decimal("21.21"), "EUR", "en") == "twenty-one euro and twenty-one cents"
+
+
+def test_money_unknown_currency() -> None:
+    with pytest.raises(ValueError, match="XYZ"):
+        money_text(1, "XYZ", "ru")
+
+
+@pytest.mark.parametrize(
+    ("d", "ru", "en"),
+    [
+        (date(2026, 1, 1), "первое января", "January first"),
+        (date(2026, 3, 2), "второе марта", "March second"),
+        (date(2026, 2, 23), "двадцать третье февраля", "February twenty-third"),
+        (date(2026, 12, 31), "тридцать первое декабря", "December thirty-first"),
+        (date(2026, 11, 25), "двадцать пятое ноября", "November twenty-fifth"),
+        (date(2026, 5, 3), "третье мая", "May third"),
+    ],
+)
+def test_date_text(d: date, ru: str, en: str) -> None:
+    assert date_text(d, "ru") == ru
+    assert date_text(d, "en") == en
+
+
+def test_date_with_year() -> None:
+    d = date(2026, 11, 25)
+    assert date_text(d, "ru", with_year=True) == "двадцать пятое ноября две тысячи двадцать шестого года"
+    assert date_text(d, "en", with_year=True) == "November twenty-fifth, twenty twenty-six"
+    assert date_text(date(2000, 1, 1), "ru", with_year=True) == "первое января двухтысячного года"
+    assert date_text(date(1999, 12, 31), "ru", with_year=True) == (
+        "тридцать первое декабря тысяча девятьсот девяносто девятого года"
+    )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: number_text(1, "de"),
+        lambda: digits_text("1", "RU"),
+        lambda: money_text(1, "RUB", "fr"),
+        lambda: date_text(date(2026, 1, 1), ""),
+    ],
+)
+def test_unknown_language(call) -> None:
+    with pytest.raises(ValueError, match="language"):
+        call()
