@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,9 +17,20 @@ from shopcall.flows import Flow
 _NO_VALUE = {"unknown", "<unknown>", ""}  # what Asterisk writes when it has no caller number or name
 
 
+_SIP_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
+
+
+def sip_display_name(name: str, channel: str) -> str:
+    """PJSIP hands over a display name with its SIP quoted-pairs still escaped (`\\"` for a quote):
+    undo them for SIP channels so the name is stored as the caller's phone showed it."""
+    if channel.startswith(("PJSIP/", "SIP/")) and "\\" in name:
+        return _SIP_QUOTED_PAIR.sub(r"\1", name)
+    return name
+
+
 def call_info(env: Mapping[str, str], script: Script) -> CallInfo:
     number = env.get("agi_callerid", "")
-    name = env.get("agi_calleridname", "")
+    name = sip_display_name(env.get("agi_calleridname", ""), env.get("agi_channel", ""))
     return CallInfo(
         uniqueid=env.get("agi_uniqueid", ""),
         pbx="asterisk",

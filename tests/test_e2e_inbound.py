@@ -1,0 +1,300 @@
+"""End to end: real SIP calls from SIPp into Debian's Asterisk 22, through the rendered dialplan include,
+to `shopcall serve` (a real process) and PostgreSQL; agents are SIPp UAS phones that answer or not.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import quote as urlquote
+from zoneinfo import ZoneInfo
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from tests.pbx import DEFAULT_ROOT, AsteriskPbx, root_is_ready
+from tests.pbx.sipp import SippAgent, place_call
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+DIRECTORY = REPO / "tests" / "data" / "directory.toml"
+AGENT_PORTS = {"agent1": 5171, "agent2": 5172, "agent3": 5173, "agent4": 5174}
+SIP_PORT = 5160
+AMI_PORT = 5138
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Shopcall:
+    """`shopcall serve --only agi` as its own process, so a test can kill it like a crash would."""
+
+    def __init__(self, config: Path, log: Path, port: int) -> None:
+        self.config, self.log, self.port = config, log, port
+        self.proc: subprocess.Popen | None = None
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "shopcall", "-c", str(self.config), *args],
+                             capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert out.returncode == 0, f"shopcall {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shopcall", "-c", str(self.config), "serve", "--only", "agi"],
+            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"shopcall serve exited:\n{self.log_tail()}"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"shopcall serve did not listen on {self.port}:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
+    if not root_is_ready(DEFAULT_ROOT):
+        if os.environ.get("SHOPCALL_REQUIRE_PBX"):
+            pytest.fail(f"no Asterisk root at {DEFAULT_ROOT}: run scripts/build-asterisk-root.sh")
+        pytest.skip(f"no Asterisk root at {DEFAULT_ROOT} (tests/run.sh builds it)")
+    work = tmp_path_factory.mktemp("e2e")
+    data = work / "shopcall"
+    data.mkdir()
+    agi_port = free_tcp_port()
+    config = work / "shopcall.toml"
+    config.write_text(
+        f"""
+[shop]
+name = "Тест"
+timezone = "Europe/Moscow"
+[paths]
+data_dir = "{data}"
+[database]
+url = "{pg_url}"
+[agi]
+port = {agi_port}
+command_timeout = 10.0
+[inbound]
+ring_timeout = 6
+[log]
+level = "DEBUG"
+""",
+        encoding="utf-8",
+    )
+    app = Shopcall(config, work / "shopcall.log", agi_port)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("""TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members,
+                        groups, employees, schedules RESTART IDENTITY CASCADE""")
+    app.cli("db", "load", str(DIRECTORY))
+    include = data / "asterisk-shopcall.conf"
+    app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
+    app.start()
+    # The test entry context stands in for a trunk: it may rewrite the caller name from an X-header
+    # (SIP cannot carry a newline in a display name; a carrier's garbage can reach CALLERID(name) anyway).
+    dialplan = f"""
+[test-in]
+exten => _X.,1,GotoIf($["${{PJSIP_HEADER(read,X-Shopcall-Test-Name)}}" = ""]?go)
+ same => n,Set(CALLERID(name)=${{URIDECODE(${{PJSIP_HEADER(read,X-Shopcall-Test-Name)}})}})
+ same => n(go),Goto(shopcall-inbound,${{EXTEN}},1)
+
+#include "{include}"
+"""
+    pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=SIP_PORT, ami_port=AMI_PORT, binds=[data],
+                      agents=AGENT_PORTS, dialplan=dialplan)
+    try:
+        pbx.start()
+    except Exception:
+        app.stop()
+        raise
+    try:
+        yield {"pbx": pbx, "app": app, "url": pg_url, "work": work}
+    finally:
+        pbx.stop()
+        app.stop()
+
+
+@pytest.fixture
+def db(stack) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(stack["url"], autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("TRUNCATE callback_requests, calls RESTART IDENTITY CASCADE")
+        yield conn
+
+
+@pytest.fixture
+async def agents(stack):
+    """Start SIPp phones for agents: await agents(agent1=dict(answer_after=1, hangup_after=2), ...)."""
+    started: list[SippAgent] = []
+
+    async def start(**behaviour: dict) -> dict[str, SippAgent]:
+        out = {}
+        for name, kw in behaviour.items():
+            agent = SippAgent(name, AGENT_PORTS[name], work_dir=stack["work"], **kw)
+            await agent.start()
+            started.append(agent)
+            out[name] = agent
+        return out
+
+    yield start
+    for agent in started:
+        await agent.stop()
+
+
+def wait_row(db: psycopg.Connection, count: int = 1, timeout: float = 10.0) -> list[dict]:
+    """The flow writes the row after the PBX hangs up on the caller: wait for it briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = db.execute(
+            "SELECT c.*, e.endpoint AS agent, g.name AS group_name FROM calls c "
+            "LEFT JOIN employees e ON e.id = c.answered_by LEFT JOIN groups g ON g.id = c.group_id "
+            "ORDER BY c.id").fetchall()
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
+def explain(stack, *agents: SippAgent) -> str:
+    return "\n".join([
+        "--- shopcall log", stack["app"].log_tail(40), "--- asterisk log", stack["pbx"].log_tail(40),
+        *[a.log_tail(20) for a in agents],
+    ])
+
+
+async def test_key_2_rings_the_whole_delivery_group_and_logs_who_answered(stack, db, agents):
+    a = await agents(agent2=dict(answer_after=1.0, hangup_after=2.0), agent3=dict(answer_after=None))
+    call = await place_call("100", digits="2", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+    assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values()) + call.log_tail
+    await a["agent3"].wait_for("CANCELLED")
+    assert (a["agent2"].invites_received(), a["agent2"].answered()) == (1, 1)
+    assert (a["agent3"].invites_received(), a["agent3"].cancelled()) == (1, 1)  # rang at the same time, lost
+    [row] = wait_row(db)
+    assert (row["outcome"], row["missed"], row["agent"], row["group_name"], row["menu_choice"]) == (
+        "answered", False, "agent2", "delivery", "2"), explain(stack)
+    assert row["caller_e164"] == "+79161234567" and row["dialled_number"] == "100"
+    assert row["answered_at"] and row["ended_at"] > row["answered_at"]
+
+
+async def test_no_input_goes_to_sales(stack, db, agents):
+    a = await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
+    call = await place_call("100", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"], wait_bye=60)
+    assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values())
+    [row] = wait_row(db)
+    assert (row["outcome"], row["agent"], row["group_name"], row["menu_choice"]) == (
+        "answered", "agent1", "sales", "1"), explain(stack)
+    assert next(s for s in row["route_log"] if s["step"] == "menu")["how"] == "default_no_input"
+
+
+async def test_nobody_answers_missed_row_and_callback(stack, db, agents):
+    a = await agents(agent1=dict(answer_after=None))
+    call = await place_call("100", digits="1", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+    assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values())
+    await a["agent1"].wait_for("CANCELLED")
+    assert a["agent1"].invites_received() == 1 and a["agent1"].answered() == 0
+    [row] = wait_row(db)
+    assert (row["outcome"], row["missed"], row["answered_by"]) == ("missed_no_answer", True, None)
+    [cb] = db.execute("SELECT * FROM callback_requests").fetchall()
+    assert (cb["phone"], cb["status"], cb["call_id"]) == ("+79161234567", "pending", row["id"])
+
+
+async def test_out_of_hours_plays_the_message_and_logs_a_missed_call(stack, db, agents):
+    a = await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
+    call = await place_call("200", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+    assert call.answered and call.hung_up_by == "pbx", explain(stack)
+    [row] = wait_row(db)
+    assert (row["outcome"], row["missed"]) == ("after_hours", True)
+    assert a["agent1"].invites_received() == 0
+    assert call.talk_time and call.talk_time > 3  # greeting, notice and the after-hours message were played
+
+
+async def test_holiday_closes_the_line(stack, db, agents):
+    today = datetime.now(ZoneInfo("Europe/Moscow")).date()
+    db.execute("UPDATE schedules SET closed_dates = %s WHERE name = 'always'", ([today],))
+    try:
+        call = await place_call("100", digits="1", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+    finally:
+        db.execute("UPDATE schedules SET closed_dates = '{}' WHERE name = 'always'")
+    assert call.answered and call.hung_up_by == "pbx", explain(stack)
+    [row] = wait_row(db)
+    assert (row["outcome"], row["missed"]) == ("holiday", True)
+
+
+async def test_cyrillic_name_with_quotes_and_newline_is_stored_intact(stack, db, agents):
+    await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
+    name = 'Иван "Ваня"\nПетров'
+    call = await place_call("100", digits="1", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"],
+                            extra_headers={"X-Shopcall-Test-Name": urlquote(name, safe="")})
+    assert call.answered, explain(stack)
+    [row] = wait_row(db)
+    assert row["caller_name"] == name, explain(stack)
+    assert row["outcome"] == "answered"
+
+
+async def test_cyrillic_display_name_from_sip(stack, db, agents):
+    await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
+    name = 'Мария "Маша" Иванова'
+    call = await place_call("100", digits="1", display_name=name, pbx=f"127.0.0.1:{SIP_PORT}",
+                            work_dir=stack["work"])
+    assert call.answered, explain(stack)
+    [row] = wait_row(db)
+    assert row["caller_name"] == name, explain(stack)
+
+
+async def test_server_down_the_dialplan_still_rings_the_default_group(stack, db, agents):
+    app = stack["app"]
+    app.kill()
+    try:
+        a = await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
+        call = await place_call("100", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+        assert call.answered, explain(stack, *a.values())
+        assert (a["agent1"].invites_received(), a["agent1"].answered()) == (1, 1), explain(stack, *a.values())
+        assert "AGISTATUS=FAILURE" in stack["pbx"].full_log.read_text(errors="replace")
+    finally:
+        app.start()
+    # and once it is back, calls use it again
+    a2 = await agents(agent4=dict(answer_after=0.5, hangup_after=1.0))
+    call = await place_call("100", digits="3", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+    assert call.answered and a2["agent4"].answered() == 1, explain(stack)
+    rows = wait_row(db)
+    assert [r["agent"] for r in rows] == ["agent4"]
+
+
+async def test_caller_hangs_up_while_talking_the_row_still_names_the_agent(stack, db, agents):
+    a = await agents(agent1=dict(answer_after=0.5, hangup_after=None))
+    # the caller waits at most 8 s for the PBX's BYE, then hangs up itself, mid-conversation
+    call = await place_call("100", digits="1", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"], wait_bye=8)
+    assert call.answered and call.hung_up_by == "caller", explain(stack, *a.values())
+    assert a["agent1"].answered() == 1
+    [row] = wait_row(db)
+    assert (row["outcome"], row["missed"], row["agent"]) == ("answered", False, "agent1"), explain(stack)
+    assert db.execute("SELECT count(*) AS n FROM callback_requests").fetchone()["n"] == 0
