@@ -13,8 +13,8 @@ def to_e164(raw: str, region: str = "RU") -> str | None:
     """E.164 for a number as a PBX or a shop gives it ("8 916 …", "7916…", "+44…"); None if it is not one
     (an internal extension, "anonymous", garbage)."""
     text = (raw or "").strip()
-    if not text or len(text) > 40:
-        return None
+    if not text or len(text) > 40 or not text.isprintable():
+        return None  # a control character means garbage, not a number to call back
     candidates = [text]
     digits = "".join(ch for ch in text if ch.isdigit())
     if not text.startswith("+") and digits:
