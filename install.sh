@@ -96,5 +96,5 @@ if [ -d /run/systemd/system ]; then
 else
   echo "systemd is not running here: start it with  shopcall serve"
 fi
-[ $DEMO = 1 ] && echo "demo PBX: scripts/demo-pbx.sh start, then scripts/demo-pbx.sh call 100 2"
+[ $DEMO = 1 ] && echo "demo PBX: scripts/demo-pbx.sh run (foreground), then in another terminal: scripts/demo-pbx.sh call 100 2"
 echo "done"

