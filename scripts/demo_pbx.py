@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,23 +51,24 @@ def run() -> int:
     return 0
 
 
-async def call(number: str, digits: str) -> int:
-    work = Path("/tmp/shopcall-demo-calls")
-    work.mkdir(exist_ok=True)
+async def call(number: str, digits: str, work: Path) -> bool:
     async with SippAgent("demo", DEMO_AGENT_PORT, work_dir=work, answer_after=1.0, hangup_after=3.0) as agent:
         result = await place_call(number, digits=digits, display_name="Demo caller", pbx="127.0.0.1:5060",
                                   work_dir=work)
         print(f"answered={result.answered} hung_up_by={result.hung_up_by} talk={result.talk_time}")
         print(f"operator phone: rang {agent.invites_received()} time(s), answered {agent.answered()}")
-    out = subprocess.run(
-        [sys.executable, "-m", "shopcall", "db", "url"], capture_output=True, text=True, cwd=REPO, check=True)
+    return result.answered
+
+
+def last_call_row() -> None:
     import psycopg
 
+    out = subprocess.run(
+        [sys.executable, "-m", "shopcall", "db", "url"], capture_output=True, text=True, cwd=REPO, check=True)
     with psycopg.connect(out.stdout.strip()) as conn:
         row = conn.execute("SELECT uniqueid, caller_number, dialled_number, menu_choice, outcome, missed, "
                            "answered_endpoint FROM calls ORDER BY id DESC LIMIT 1").fetchone()
     print(f"last call row: {row}")
-    return 0 if result.answered else 1
 
 
 def main() -> int:
@@ -80,7 +82,12 @@ def main() -> int:
     if args.cmd == "run":
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         return run()
-    return asyncio.run(call(args.number, args.digits))
+    work = Path("/tmp/shopcall-demo-calls")
+    work.mkdir(exist_ok=True)
+    answered = asyncio.run(call(args.number, args.digits, work))
+    time.sleep(1)  # the flow writes the row just after the PBX hangs up on the caller
+    last_call_row()
+    return 0 if answered else 1
 
 
 if __name__ == "__main__":
