@@ -16,8 +16,12 @@ mirror=$(grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/ap
          | grep -v security | head -n1 | tr -d ' ' || true)
 [ -n "$mirror" ] || { echo "build-asterisk-root: no Debian mirror found in apt's sources" >&2; exit 1; }
 
+# never delete through a bind mount (a test's work dir, sounds) into the host's own files
+if grep -qE " ($root|$root.partial)/" /proc/mounts; then
+  echo "build-asterisk-root: $root has active mounts (a running Asterisk?); stop it first" >&2; exit 1
+fi
 mkdir -p "$cache/debootstrap-debs"
-rm -rf "$root.partial"
+rm -rf --one-file-system "$root.partial"
 mkdir -p "$root.partial"
 # --cache-dir keeps the downloaded .debs for the next build; a missing cache only costs time.
 debootstrap --variant=minbase --cache-dir="$cache/debootstrap-debs" \
@@ -25,6 +29,6 @@ debootstrap --variant=minbase --cache-dir="$cache/debootstrap-debs" \
   sid "$root.partial" "$mirror" >"$cache/debootstrap.log" 2>&1 || {
     echo "build-asterisk-root: debootstrap failed, last lines of $cache/debootstrap.log:" >&2
     tail -n 20 "$cache/debootstrap.log" >&2; exit 1; }
-rm -rf "$root"
+rm -rf --one-file-system "$root"
 mv "$root.partial" "$root"
 touch "$marker"

@@ -102,6 +102,12 @@ def check_endpoint(name: str) -> str:
     return name
 
 
+def presentable(name: str, limit: int = 80) -> str:
+    """A caller name as an agent's phone can show it. A control character (a carrier's garbage, a newline)
+    would be copied raw into the SIP message that rings the agent, and the phone drops that message."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in name).split())[:limit]
+
+
 def check_var_name(name: str) -> str:
     if not _VAR_NAME.match(name or ""):
         raise ValueError(f"invalid channel variable name {name!r}")

@@ -66,6 +66,8 @@ class ScriptedCall(Call):
     async def dial(self, endpoints: Sequence[str], *, strategy: DialStrategy = DialStrategy.RINGALL,
                    timeout: int = 20, caller_name: str | None = None) -> DialResult:
         self._do("dial", list(endpoints), str(strategy), timeout)
+        if caller_name is not None:
+            self.vars["CALLERID(name)"] = caller_name
         return self.dial_results.pop(0) if self.dial_results else DialResult(DialStatus.NOANSWER)
 
     async def record(self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5,

@@ -21,15 +21,13 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, root_is_ready
-from tests.pbx.sipp import SippAgent, place_call
+from tests.pbx.sipp import SippAgent, free_sip_port, place_call
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 DIRECTORY = REPO / "tests" / "data" / "directory.toml"
-AGENT_PORTS = {"agent1": 5171, "agent2": 5172, "agent3": 5173, "agent4": 5174}
-SIP_PORT = 5160
-AMI_PORT = 5138
+AGENTS = ("agent1", "agent2", "agent3", "agent4")
 
 
 def free_tcp_port() -> int:
@@ -131,15 +129,17 @@ exten => _X.,1,GotoIf($["${{PJSIP_HEADER(read,X-Shopcall-Test-Name)}}" = ""]?go)
 
 #include "{include}"
 """
-    pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=SIP_PORT, ami_port=AMI_PORT, binds=[data],
-                      agents=AGENT_PORTS, dialplan=dialplan)
+    # ports chosen free at start, so a demo PBX or a second test run on this machine does not collide
+    pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data],
+                      agents={name: free_sip_port() for name in AGENTS}, dialplan=dialplan,
+                      sip_debug=True)
     try:
         pbx.start()
     except Exception:
         app.stop()
         raise
     try:
-        yield {"pbx": pbx, "app": app, "url": pg_url, "work": work}
+        yield {"pbx": pbx, "app": app, "url": pg_url, "work": work, "sip": f"127.0.0.1:{pbx.sip_port}"}
     finally:
         pbx.stop()
         app.stop()
@@ -160,7 +160,7 @@ async def agents(stack):
     async def start(**behaviour: dict) -> dict[str, SippAgent]:
         out = {}
         for name, kw in behaviour.items():
-            agent = SippAgent(name, AGENT_PORTS[name], work_dir=stack["work"], **kw)
+            agent = SippAgent(name, stack["pbx"].agents[name], work_dir=stack["work"], **kw)
             await agent.start()
             started.append(agent)
             out[name] = agent
@@ -193,7 +193,7 @@ def explain(stack, *agents: SippAgent) -> str:
 
 async def test_key_2_rings_the_whole_delivery_group_and_logs_who_answered(stack, db, agents):
     a = await agents(agent2=dict(answer_after=1.0, hangup_after=2.0), agent3=dict(answer_after=None))
-    call = await place_call("100", digits="2", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+    call = await place_call("100", digits="2", pbx=stack["sip"], work_dir=stack["work"])
     assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values()) + call.log_tail
     await a["agent3"].wait_for("CANCELLED")
     assert (a["agent2"].invites_received(), a["agent2"].answered()) == (1, 1)
@@ -207,7 +207,7 @@ async def test_key_2_rings_the_whole_delivery_group_and_logs_who_answered(stack,
 
 async def test_no_input_goes_to_sales(stack, db, agents):
     a = await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
-    call = await place_call("100", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"], wait_bye=60)
+    call = await place_call("100", pbx=stack["sip"], work_dir=stack["work"], wait_bye=60)
     assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values())
     [row] = wait_row(db)
     assert (row["outcome"], row["agent"], row["group_name"], row["menu_choice"]) == (
@@ -217,7 +217,7 @@ async def test_no_input_goes_to_sales(stack, db, agents):
 
 async def test_nobody_answers_missed_row_and_callback(stack, db, agents):
     a = await agents(agent1=dict(answer_after=None))
-    call = await place_call("100", digits="1", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+    call = await place_call("100", digits="1", pbx=stack["sip"], work_dir=stack["work"])
     assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values())
     await a["agent1"].wait_for("CANCELLED")
     assert a["agent1"].invites_received() == 1 and a["agent1"].answered() == 0
@@ -229,7 +229,7 @@ async def test_nobody_answers_missed_row_and_callback(stack, db, agents):
 
 async def test_out_of_hours_plays_the_message_and_logs_a_missed_call(stack, db, agents):
     a = await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
-    call = await place_call("200", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+    call = await place_call("200", pbx=stack["sip"], work_dir=stack["work"])
     assert call.answered and call.hung_up_by == "pbx", explain(stack)
     [row] = wait_row(db)
     assert (row["outcome"], row["missed"]) == ("after_hours", True)
@@ -241,7 +241,7 @@ async def test_holiday_closes_the_line(stack, db, agents):
     today = datetime.now(ZoneInfo("Europe/Moscow")).date()
     db.execute("UPDATE schedules SET closed_dates = %s WHERE name = 'always'", ([today],))
     try:
-        call = await place_call("100", digits="1", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+        call = await place_call("100", digits="1", pbx=stack["sip"], work_dir=stack["work"])
     finally:
         db.execute("UPDATE schedules SET closed_dates = '{}' WHERE name = 'always'")
     assert call.answered and call.hung_up_by == "pbx", explain(stack)
@@ -252,7 +252,7 @@ async def test_holiday_closes_the_line(stack, db, agents):
 async def test_cyrillic_name_with_quotes_and_newline_is_stored_intact(stack, db, agents):
     await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
     name = 'Иван "Ваня"\nПетров'
-    call = await place_call("100", digits="1", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"],
+    call = await place_call("100", digits="1", pbx=stack["sip"], work_dir=stack["work"],
                             extra_headers={"X-Shopcall-Test-Name": urlquote(name, safe="")})
     assert call.answered, explain(stack)
     [row] = wait_row(db)
@@ -263,7 +263,7 @@ async def test_cyrillic_name_with_quotes_and_newline_is_stored_intact(stack, db,
 async def test_cyrillic_display_name_from_sip(stack, db, agents):
     await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
     name = 'Мария "Маша" Иванова'
-    call = await place_call("100", digits="1", display_name=name, pbx=f"127.0.0.1:{SIP_PORT}",
+    call = await place_call("100", digits="1", display_name=name, pbx=stack["sip"],
                             work_dir=stack["work"])
     assert call.answered, explain(stack)
     [row] = wait_row(db)
@@ -275,7 +275,7 @@ async def test_server_down_the_dialplan_still_rings_the_default_group(stack, db,
     app.kill()
     try:
         a = await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
-        call = await place_call("100", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+        call = await place_call("100", pbx=stack["sip"], work_dir=stack["work"])
         assert call.answered, explain(stack, *a.values())
         assert (a["agent1"].invites_received(), a["agent1"].answered()) == (1, 1), explain(stack, *a.values())
         assert "AGISTATUS=FAILURE" in stack["pbx"].full_log.read_text(errors="replace")
@@ -283,7 +283,7 @@ async def test_server_down_the_dialplan_still_rings_the_default_group(stack, db,
         app.start()
     # and once it is back, calls use it again
     a2 = await agents(agent4=dict(answer_after=0.5, hangup_after=1.0))
-    call = await place_call("100", digits="3", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"])
+    call = await place_call("100", digits="3", pbx=stack["sip"], work_dir=stack["work"])
     assert call.answered and a2["agent4"].answered() == 1, explain(stack)
     rows = wait_row(db)
     assert [r["agent"] for r in rows] == ["agent4"]
@@ -292,7 +292,7 @@ async def test_server_down_the_dialplan_still_rings_the_default_group(stack, db,
 async def test_caller_hangs_up_while_talking_the_row_still_names_the_agent(stack, db, agents):
     a = await agents(agent1=dict(answer_after=0.5, hangup_after=None))
     # the caller waits at most 8 s for the PBX's BYE, then hangs up itself, mid-conversation
-    call = await place_call("100", digits="1", pbx=f"127.0.0.1:{SIP_PORT}", work_dir=stack["work"], wait_bye=8)
+    call = await place_call("100", digits="1", pbx=stack["sip"], work_dir=stack["work"], wait_bye=8)
     assert call.answered and call.hung_up_by == "caller", explain(stack, *a.values())
     assert a["agent1"].answered() == 1
     [row] = wait_row(db)

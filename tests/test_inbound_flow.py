@@ -167,10 +167,19 @@ async def test_broken_directory_hands_the_call_back_to_the_dialplan(app, conn):
     assert row["outcome"] == "fallback" and "LookupError" in row["route_log"][-1]["error"]
 
 
-async def test_unsafe_caller_name_is_stored_intact(app, conn):
-    name = 'Иван "Ваня"\nПетров, ${EXTEN} | & \\'
-    await run(ScriptedCall(info(name=name), keys=["1"]), app)
+async def test_unsafe_caller_name_is_stored_intact_but_agents_see_it_cleaned(app, conn):
+    name = 'Иван "Ваня"\nПетров, ${EXTEN} | & \\\x07'
+    call = ScriptedCall(info(name=name), keys=["1"])
+    await run(call, app)
     assert (await call_row(conn))["caller_name"] == name
+    # a newline would be copied raw into the INVITE ringing the agent, whose phone then drops it
+    assert call.vars["CALLERID(name)"] == 'Иван "Ваня" Петров, ${EXTEN} | & \\'
+
+
+async def test_a_clean_caller_name_is_left_alone(app, conn):
+    call = ScriptedCall(info(name="Анна"), keys=["1"])
+    await run(call, app)
+    assert "CALLERID(name)" not in call.vars
 
 
 async def test_not_a_phone_number_is_kept_raw_without_callback(app, conn):

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from shopcall import hours
 from shopcall.app import App
-from shopcall.call import Call, CallEnded, DialStatus
+from shopcall.call import Call, CallEnded, DialStatus, presentable
 from shopcall.calllog import CallRecord, now
 from shopcall.flows import flow
 from shopcall.phone import to_e164
@@ -94,8 +94,10 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
 
     if group.members:
         await call.play("connecting")
+        shown = presentable(call.info.caller_name)
         result = await call.dial(
-            [m.endpoint for m in group.members], strategy=group.dial_strategy, timeout=group.ring_timeout
+            [m.endpoint for m in group.members], strategy=group.dial_strategy, timeout=group.ring_timeout,
+            caller_name=shown if shown != call.info.caller_name else None,
         )
     else:
         result = None
