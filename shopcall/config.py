@@ -23,6 +23,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "DatabaseConfig",
+    "EslConfig",
+    "FreeswitchConfig",
+    "MailConfig",
+    "VoicemailConfig",
     "InboundConfig",
     "LogConfig",
     "PathsConfig",
@@ -266,6 +270,60 @@ class InboundConfig:
 
 
 @dataclass(frozen=True)
+class EslConfig:
+    """Our outbound-socket server: FreeSWITCH's `socket` application connects here."""
+
+    listen: str = _setting("127.0.0.1", str, "a non-empty address", _nonempty)
+    port: int = _number(8084, int, lo=1, hi=65535)
+    allow: tuple[str, ...] = _setting((), list, "a list of addresses/networks", _check_allow, tuple)
+    command_timeout: float = _number(10.0, float)
+    backlog: int = _number(2048, int, lo=1)
+
+
+@dataclass(frozen=True)
+class FreeswitchConfig:
+    """How we reach FreeSWITCH (inbound ESL, for originate) and how it reaches us."""
+
+    esl_host: str = _setting("127.0.0.1", str, "a non-empty host", _nonempty)
+    esl_port: int = _number(8021, int, lo=1, hi=65535)
+    esl_password: str = _setting("ClueCon", str, "a string", repr=False)
+    socket_host: str = _setting("127.0.0.1", str, "a non-empty host", _nonempty)
+    socket_port: int = _number(0, int, lo=0, hi=65535)  # 0 = esl.port
+    endpoint_template: str = _setting(
+        "user/{endpoint}", str, 'a string containing "{endpoint}"', _check_endpoint_template
+    )
+    sounds_path: Path | None = _setting(None, str, "a path", final=_path_or_none)
+    context: str = _setting("shopcall", str, "a dialplan context name", _check_context_prefix)
+    fallback_group: str = _setting("sales", str, "a non-empty group name", _nonempty)
+
+
+@dataclass(frozen=True)
+class MailConfig:
+    smtp_host: str = _setting("127.0.0.1", str, "a non-empty host", _nonempty)
+    smtp_port: int = _number(25, int, lo=1, hi=65535)
+    starttls: bool = _setting(False, bool, "true or false")
+    username: str = _setting("", str, "a string")
+    password: str = _setting("", str, "a string", repr=False)
+    sender: str = _setting("shopcall@localhost", str, "an e-mail address", _nonempty)
+    timeout: float = _number(10.0, float)
+    retry_seconds: int = _number(60, int, lo=1)  # a failed notice is tried again after this long
+
+
+@dataclass(frozen=True)
+class VoicemailConfig:
+    after_hours: bool = _setting(True, bool, "true or false")  # offer voicemail when closed
+    on_no_answer: bool = _setting(False, bool, "true or false")  # ... and when nobody answered
+    max_seconds: int = _number(120, int, lo=1)
+    min_seconds: float = _number(1.0, float)  # shorter messages are dropped
+    transcriber: str = _setting(
+        "pocketsphinx", str, "one of pocketsphinx, vosk, command, none",
+        _one_of(("pocketsphinx", "vosk", "command", "none")),
+    )
+    vosk_model: str = _setting("", str, "a path")
+    command: str = _setting("", str, "a command line")  # gets the WAV path as its last argument
+
+
+@dataclass(frozen=True)
 class LogConfig:
     # Case-insensitive because env overrides like SHOPCALL_LOG__LEVEL=debug are common; stored upper-case.
     level: str = _setting(
@@ -281,6 +339,10 @@ _SECTIONS: dict[str, type] = {
     "asterisk": AsteriskConfig,
     "prompts": PromptsConfig,
     "inbound": InboundConfig,
+    "esl": EslConfig,
+    "freeswitch": FreeswitchConfig,
+    "mail": MailConfig,
+    "voicemail": VoicemailConfig,
     "log": LogConfig,
 }
 _SPECS: dict[str, dict[str, _Spec]] = {
@@ -297,6 +359,10 @@ class Config:
     asterisk: AsteriskConfig = field(default_factory=AsteriskConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     inbound: InboundConfig = field(default_factory=InboundConfig)
+    esl: EslConfig = field(default_factory=EslConfig)
+    freeswitch: FreeswitchConfig = field(default_factory=FreeswitchConfig)
+    mail: MailConfig = field(default_factory=MailConfig)
+    voicemail: VoicemailConfig = field(default_factory=VoicemailConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path | None = None
 
