@@ -38,6 +38,8 @@ class CallRecord:
     direction: str = "inbound"
     group_name: str | None = None
     menu_choice: str | None = None
+    robot_choice: str | None = None
+    language: str | None = None
     answered_at: datetime | None = None
     ended_at: datetime | None = None
     answered_endpoint: str | None = None
@@ -70,20 +72,22 @@ class CallRecord:
 _UPSERT = """
 INSERT INTO calls (uniqueid, pbx, direction, caller_number, caller_e164, caller_name, dialled_number,
                    customer_id, group_id, menu_choice, started_at, answered_at, ended_at, answered_by,
-                   answered_endpoint, outcome, missed, recording_path, route_log)
+                   answered_endpoint, outcome, missed, recording_path, route_log, robot_choice, language)
 VALUES (%(uniqueid)s, %(pbx)s, %(direction)s, %(caller_number)s, %(caller_e164)s, %(caller_name)s,
         %(dialled_number)s,
         (SELECT id FROM customers WHERE phone = %(caller_e164)s),
         (SELECT id FROM groups WHERE name = %(group_name)s),
         %(menu_choice)s, %(started_at)s, %(answered_at)s, %(ended_at)s,
         (SELECT id FROM employees WHERE endpoint = %(answered_endpoint)s),
-        %(answered_endpoint)s, %(outcome)s, %(missed)s, %(recording_path)s, %(route_log)s)
+        %(answered_endpoint)s, %(outcome)s, %(missed)s, %(recording_path)s, %(route_log)s, %(robot_choice)s,
+        %(language)s)
 ON CONFLICT (uniqueid) DO UPDATE SET
     group_id = EXCLUDED.group_id, menu_choice = EXCLUDED.menu_choice, answered_at = EXCLUDED.answered_at,
     ended_at = EXCLUDED.ended_at, answered_by = EXCLUDED.answered_by,
     answered_endpoint = EXCLUDED.answered_endpoint, outcome = EXCLUDED.outcome, missed = EXCLUDED.missed,
     recording_path = COALESCE(EXCLUDED.recording_path, calls.recording_path),
-    route_log = calls.route_log || EXCLUDED.route_log
+    route_log = calls.route_log || EXCLUDED.route_log, robot_choice = EXCLUDED.robot_choice,
+    language = EXCLUDED.language
 RETURNING id, customer_id, group_id, answered_by
 """
 

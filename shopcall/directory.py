@@ -55,6 +55,35 @@ class NumberRoute:
     menu: Menu | None
     group_name: str | None  # the number's own group: taken when it has no menu
     category: str | None
+    category_title: str = ""  # shown to agents as "[title] caller"
+    category_group: str | None = None  # a call-tracking number rings its category's group first
+    sticky: bool = True
+    sticky_seconds: int = 15
+    by_last_category: bool = True
+    language_menu: bool = False
+    overflow_robot: bool = False
+    overflow_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class Caller:
+    """What we know of the caller before routing: are they a customer, whose, what did they buy last."""
+
+    customer_id: int | None = None
+    language: str | None = None  # chosen on an earlier call
+    manager: Member | None = None  # the last manager, when logged in and not paused
+    manager_state: str = "none"  # none | available | logged_out | paused
+    last_category: str | None = None
+    last_category_group: str | None = None
+
+
+@dataclass(frozen=True)
+class Order:
+    number: str
+    status: str
+    total: object
+    currency: str
+    delivery_date: object
 
 
 class Directory:
@@ -72,11 +101,13 @@ class Directory:
                        s.override, s.override_until, s.id AS schedule_row,
                        m.prompt AS menu_prompt, m.options AS menu_options, m.default_choice,
                        m.timeout AS menu_timeout, m.retries AS menu_retries, m.id AS menu_row,
-                       g.name AS group_name
+                       g.name AS group_name, cat.title AS category_title, cg.name AS category_group
                   FROM numbers n
                   LEFT JOIN schedules s ON s.id = n.schedule_id
                   LEFT JOIN menus m ON m.id = n.menu_id
                   LEFT JOIN groups g ON g.id = n.group_id
+                  LEFT JOIN categories cat ON cat.name = n.category
+                  LEFT JOIN groups cg ON cg.id = cat.group_id
                  WHERE n.number = ANY(%s)
                  ORDER BY n.number = %s DESC
                  LIMIT 1
@@ -93,10 +124,87 @@ class Directory:
         if row["menu_row"]:
             menu = Menu(row["menu_prompt"], {str(k): str(v) for k, v in row["menu_options"].items()},
                         row["default_choice"], float(row["menu_timeout"]), int(row["menu_retries"]))
-        elif not row["group_name"]:
+        elif not row["group_name"] and not row["category_group"]:
             menu = self.default_menu
-        return NumberRoute(row["number"], row["greeting"], row["recording_notice"], row["language"],
-                           schedule, menu, row["group_name"], row["category"])
+        return NumberRoute(
+            row["number"], row["greeting"], row["recording_notice"], row["language"], schedule, menu,
+            row["group_name"], row["category"], row["category_title"] or row["category"] or "",
+            row["category_group"], row["sticky"], row["sticky_seconds"], row["by_last_category"],
+            row["language_menu"], row["overflow_robot"], row["overflow_seconds"],
+        )
+
+    async def caller(self, e164: str | None) -> Caller:
+        if not e164:
+            return Caller()
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                """
+                SELECT c.id, c.language, e.id AS emp_id, e.name AS emp_name, e.endpoint, e.logged_in, e.paused,
+                       (SELECT item->>'category' FROM orders o, jsonb_array_elements(o.items) item
+                         WHERE o.customer_id = c.id AND item ? 'category'
+                         ORDER BY o.created_at DESC, o.id DESC LIMIT 1) AS last_category
+                  FROM customers c LEFT JOIN employees e ON e.id = c.last_manager_id
+                 WHERE c.phone = %s
+                """,
+                (e164,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return Caller()
+            group = None
+            if row["last_category"]:
+                cur = await conn.execute(
+                    "SELECT g.name FROM categories c JOIN groups g ON g.id = c.group_id WHERE c.name = %s",
+                    (row["last_category"],),
+                )
+                found = await cur.fetchone()
+                group = found["name"] if found else None
+        manager, state = None, "none"
+        if row["emp_id"]:
+            state = "logged_out" if not row["logged_in"] else "paused" if row["paused"] else "available"
+            if state == "available":
+                manager = Member(row["emp_id"], row["emp_name"], row["endpoint"])
+        return Caller(row["id"], row["language"], manager, state, row["last_category"], group)
+
+    async def remember_language(self, e164: str, language: str) -> None:
+        """A caller's language choice is kept for their next call (a customer row is made if needed)."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                """INSERT INTO customers (phone, language) VALUES (%s, %s)
+                   ON CONFLICT (phone) DO UPDATE SET language = EXCLUDED.language""",
+                (e164, language),
+            )
+
+    async def orders(self, e164: str, limit: int = 5) -> list[Order]:
+        """Open orders first (newest first); if there is none, the latest order whatever its state."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                """
+                SELECT o.number, o.status, o.total, o.currency, o.delivery_date,
+                       o.status IN ('delivered', 'cancelled') AS closed
+                  FROM orders o JOIN customers c ON c.id = o.customer_id
+                 WHERE c.phone = %s
+                 ORDER BY closed, o.created_at DESC, o.id DESC
+                 LIMIT %s
+                """,
+                (e164, limit),
+            )
+            rows = await cur.fetchall()
+        open_rows = [r for r in rows if not r["closed"]] or rows[:1]
+        return [Order(r["number"], r["status"], r["total"], r["currency"], r["delivery_date"]) for r in open_rows]
+
+    async def set_agent_state(self, endpoint: str, *, logged_in: bool | None = None,
+                              paused: bool | None = None) -> tuple[bool, bool] | None:
+        """Log an agent in/out or (un)pause them; returns the new (logged_in, paused), None if unknown."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                """UPDATE employees SET logged_in = COALESCE(%s, logged_in),
+                          paused = CASE WHEN %s::boolean IS NULL THEN paused ELSE %s::boolean END
+                    WHERE endpoint = %s RETURNING logged_in, paused""",
+                (logged_in, paused, paused, endpoint),
+            )
+            row = await cur.fetchone()
+        return (row["logged_in"], row["paused"]) if row else None
 
     async def group(self, name: str) -> Group | None:
         async with self.pool.connection() as conn:

@@ -19,7 +19,7 @@ from shopcall.call import check_endpoint
 from shopcall.hours import Schedule
 from shopcall.phone import require_e164
 
-KNOWN = ("employees", "groups", "schedules", "menus", "numbers")
+KNOWN = ("employees", "groups", "schedules", "menus", "categories", "numbers", "customers", "orders")
 
 
 class DirectoryError(ValueError):
@@ -148,22 +148,41 @@ async def load(conn: psycopg.AsyncConnection, data: Mapping[str, list[dict[str, 
             )
         counts["menus"] = len(data.get("menus", []))
 
+        for i, c in enumerate(data.get("categories", [])):
+            where = f"categories[{i}]"
+            await _need_row(conn, "groups", c.get("group"), f"{where}: group")
+            await conn.execute(
+                """INSERT INTO categories (name, title, group_id)
+                   VALUES (%s, %s, (SELECT id FROM groups WHERE name = %s))
+                   ON CONFLICT (name) DO UPDATE SET title = EXCLUDED.title, group_id = EXCLUDED.group_id""",
+                (_need(c, "name", where), c.get("title", ""), c.get("group")),
+            )
+        counts["categories"] = len(data.get("categories", []))
+
         for i, n in enumerate(data.get("numbers", [])):
             where = f"numbers[{i}]"
+            await _need_row(conn, "categories", n.get("category"), f"{where}: category")
             await conn.execute(
                 """INSERT INTO numbers (number, title, greeting, recording_notice, language, category,
-                                        group_id, schedule_id, menu_id)
+                                        group_id, schedule_id, menu_id, sticky, sticky_seconds,
+                                        by_last_category, language_menu, overflow_robot, overflow_seconds)
                    VALUES (%s, %s, %s, %s, %s, %s,
                            (SELECT id FROM groups WHERE name = %s),
                            (SELECT id FROM schedules WHERE name = %s),
-                           (SELECT id FROM menus WHERE name = %s))
+                           (SELECT id FROM menus WHERE name = %s), %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (number) DO UPDATE SET title = EXCLUDED.title, greeting = EXCLUDED.greeting,
                      recording_notice = EXCLUDED.recording_notice, language = EXCLUDED.language,
                      category = EXCLUDED.category, group_id = EXCLUDED.group_id,
-                     schedule_id = EXCLUDED.schedule_id, menu_id = EXCLUDED.menu_id""",
+                     schedule_id = EXCLUDED.schedule_id, menu_id = EXCLUDED.menu_id, sticky = EXCLUDED.sticky,
+                     sticky_seconds = EXCLUDED.sticky_seconds, by_last_category = EXCLUDED.by_last_category,
+                     language_menu = EXCLUDED.language_menu, overflow_robot = EXCLUDED.overflow_robot,
+                     overflow_seconds = EXCLUDED.overflow_seconds""",
                 (str(_need(n, "number", where)), n.get("title", ""), n.get("greeting", "greeting"),
                  bool(n.get("recording_notice", True)), n.get("language", "ru"), n.get("category"),
-                 n.get("group"), n.get("schedule"), n.get("menu")),
+                 n.get("group"), n.get("schedule"), n.get("menu"), bool(n.get("sticky", True)),
+                 int(n.get("sticky_seconds", 15)), bool(n.get("by_last_category", True)),
+                 bool(n.get("language_menu", False)), bool(n.get("overflow_robot", False)),
+                 n.get("overflow_seconds")),
             )
             for ref, table in (("group", "groups"), ("schedule", "schedules"), ("menu", "menus")):
                 if n.get(ref):
@@ -171,7 +190,51 @@ async def load(conn: psycopg.AsyncConnection, data: Mapping[str, list[dict[str, 
                     if await cur.fetchone() is None:
                         raise DirectoryError(f"{where}: unknown {ref} {n[ref]!r}")
         counts["numbers"] = len(data.get("numbers", []))
+
+        for i, c in enumerate(data.get("customers", [])):
+            where = f"customers[{i}]"
+            try:
+                phone = require_e164(str(_need(c, "phone", where)))
+            except ValueError as exc:
+                raise DirectoryError(f"{where}: {exc}") from None
+            await _need_row(conn, "employees", c.get("last_manager"), f"{where}: last_manager", key="endpoint")
+            await conn.execute(
+                """INSERT INTO customers (phone, name, email, segment, language, timezone, last_manager_id)
+                   VALUES (%s, %s, %s, %s, %s, %s, (SELECT id FROM employees WHERE endpoint = %s))
+                   ON CONFLICT (phone) DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email,
+                     segment = EXCLUDED.segment, language = EXCLUDED.language, timezone = EXCLUDED.timezone,
+                     last_manager_id = EXCLUDED.last_manager_id""",
+                (phone, c.get("name", ""), c.get("email"), c.get("segment", "default"), c.get("language"),
+                 c.get("timezone"), c.get("last_manager")),
+            )
+        counts["customers"] = len(data.get("customers", []))
+
+        for i, o in enumerate(data.get("orders", [])):
+            where = f"orders[{i}]"
+            try:
+                phone = require_e164(str(_need(o, "customer", where)))
+            except ValueError as exc:
+                raise DirectoryError(f"{where}: {exc}") from None
+            await _need_row(conn, "customers", phone, f"{where}: customer", key="phone")
+            await conn.execute(
+                """INSERT INTO orders (number, customer_id, status, items, total, currency, delivery_date)
+                   VALUES (%s, (SELECT id FROM customers WHERE phone = %s), %s, %s, %s, %s, %s)
+                   ON CONFLICT (number) DO UPDATE SET customer_id = EXCLUDED.customer_id,
+                     status = EXCLUDED.status, items = EXCLUDED.items, total = EXCLUDED.total,
+                     currency = EXCLUDED.currency, delivery_date = EXCLUDED.delivery_date, updated_at = now()""",
+                (str(_need(o, "number", where)), phone, o.get("status", "new"), Jsonb(o.get("items", [])),
+                 str(o.get("total", "0")), o.get("currency", "RUB"), o.get("delivery_date")),
+            )
+        counts["orders"] = len(data.get("orders", []))
     return counts
+
+
+async def _need_row(conn: psycopg.AsyncConnection, table: str, value: Any, where: str, key: str = "name") -> None:
+    if value is None:
+        return
+    cur = await conn.execute(f"SELECT 1 FROM {table} WHERE {key} = %s", (value,))
+    if await cur.fetchone() is None:
+        raise DirectoryError(f"{where} {value!r} does not exist")
 
 
 def Schedule_default_weekly() -> dict[str, list[list[str]]]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from shopcall import hours
+from shopcall import hours, routing
 from shopcall.app import App
 from shopcall.call import Call, CallEnded, DialStatus, presentable
 from shopcall.calllog import CallRecord, now
 from shopcall.flows import flow
+from shopcall.flows.robot import overflow_robot
 from shopcall.phone import to_e164
 
 log = logging.getLogger("shopcall.inbound")
@@ -57,10 +58,15 @@ async def inbound(call: Call, app: App) -> None:
 
 async def _run(call: Call, app: App, rec: CallRecord) -> None:
     route = await app.directory.route(rec.dialled_number)
-    call.language = route.language
-    rec.step("number", number=route.number, menu=route.menu is not None, group=route.group_name)
+    caller = await app.directory.caller(rec.caller_e164)
+    call.language = caller.language or route.language
+    rec.step("number", number=route.number, menu=route.menu is not None, group=route.group_name,
+             category=route.category, customer=caller.customer_id)
 
     await call.answer()
+    if route.language_menu and caller.language is None:
+        await _choose_language(call, app, rec)
+    rec.language = call.language
     greeting = [route.greeting] + (["recording_notice"] if route.recording_notice else [])
     # a caller who knows the menu may press the key during the greeting
     early_key = await call.play(*greeting, interruptible=True)
@@ -73,7 +79,7 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
         await _finish(call, rec)
         return
 
-    group_name = route.group_name
+    menu_group = None
     if route.menu is not None:
         menu = route.menu
         choice = await call.menu(
@@ -83,40 +89,57 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
         assert choice is not None  # a default is always given
         rec.menu_choice = choice.choice
         rec.step("menu", choice=choice.choice, how=choice.how, attempts=choice.attempts)
-        group_name = menu.options[choice.choice]
+        menu_group = menu.options[choice.choice]
 
-    group = await app.directory.group(group_name) if group_name else None
-    if group is None:
-        raise LookupError(f"group {group_name!r} does not exist")
-    rec.group_name = group.name
-    rec.step("group", group=group.name, strategy=group.strategy,
-             members=[m.endpoint for m in group.members])
+    steps, skipped = await routing.plan(app.directory, route, caller, menu_group=menu_group)
+    for skip in skipped:
+        rec.step("skip", **skip)
+    rec.group_name = next((st.group.name for st in reversed(steps) if st.group), menu_group or route.group_name)
 
-    if group.members:
+    shown = presentable(call.info.caller_name)
+    if route.category_title:
+        shown = f"[{presentable(route.category_title)}] {shown}".strip()
+    result = None
+    if steps:
         await call.play("connecting")
-        shown = presentable(call.info.caller_name)
-        result = await call.dial(
-            [m.endpoint for m in group.members], strategy=group.dial_strategy, timeout=group.ring_timeout,
-            caller_name=shown if shown != call.info.caller_name else None,
-        )
-    else:
-        result = None
-    rec.step("dial", status=result.status if result else "nobody_available",
-             answered=result.answered_endpoint if result else None)
-
-    if result and result.status == DialStatus.ANSWERED:
-        rec.outcome, rec.missed = "answered", False
-        rec.answered_endpoint = result.answered_endpoint
-        rec.answered_at = now() - timedelta(seconds=result.talk_seconds)
-        await _finish(call, rec)
-        return
-    if result and result.status == DialStatus.CALLER_GONE:
-        rec.outcome, rec.callback_reason = "abandoned", "abandoned"
-        raise CallEnded("caller hung up while the group rang")
+    for step in steps:
+        rec.step("ring", reason=step.reason, target=step.label, endpoints=list(step.endpoints),
+                 strategy=str(step.strategy), timeout=step.timeout)
+        result = await call.dial(list(step.endpoints), strategy=step.strategy, timeout=step.timeout,
+                                 caller_name=shown if shown != call.info.caller_name else None)
+        rec.step("dial", status=str(result.status), answered=result.answered_endpoint, detail=result.detail)
+        if result.status == DialStatus.ANSWERED:
+            if step.group:
+                rec.group_name = step.group.name
+            rec.outcome, rec.missed = "answered", False
+            rec.answered_endpoint = result.answered_endpoint
+            rec.answered_at = now() - timedelta(seconds=result.talk_seconds)
+            await _finish(call, rec)
+            return
+        if result.status == DialStatus.CALLER_GONE:
+            rec.outcome, rec.callback_reason = "abandoned", "abandoned"
+            raise CallEnded("caller hung up while the group rang")
+    if not steps:
+        rec.step("dial", status="nobody_available")
 
     rec.outcome, rec.callback_reason = "missed_no_answer", "no_answer"
-    await call.play("nobody_answered")
+    if route.overflow_robot:
+        rec.callback_reason = None  # the robot asks whether they want one
+        rec.outcome = "robot"
+        await overflow_robot(call, app, rec)
+    else:
+        await call.play("nobody_answered")
     await _finish(call, rec)
+
+
+async def _choose_language(call: Call, app: App, rec: CallRecord) -> None:
+    choice = await call.menu("language_menu", ("1", "2"), default="1", timeout=app.config.inbound.menu_timeout,
+                             retries=1, invalid_prompt=None)
+    assert choice is not None
+    call.language = "en" if choice.choice == "2" else "ru"
+    rec.step("language", language=call.language, how=choice.how)
+    if rec.caller_e164 and choice.how == "pressed":
+        await app.directory.remember_language(rec.caller_e164, call.language)
 
 
 async def _finish(call: Call, rec: CallRecord) -> None:
