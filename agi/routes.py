@@ -28,6 +28,12 @@ def sip_display_name(name: str, channel: str) -> str:
     return name
 
 
+def channel_endpoint(channel: str) -> str:
+    """PJSIP/agent1-0000000a → agent1: the device behind a channel name."""
+    _, _, rest = channel.partition("/")
+    return rest.rsplit("-", 1)[0] if "-" in rest else rest
+
+
 def call_info(env: Mapping[str, str], script: Script) -> CallInfo:
     number = env.get("agi_callerid", "")
     name = sip_display_name(env.get("agi_calleridname", ""), env.get("agi_channel", ""))
@@ -39,6 +45,7 @@ def call_info(env: Mapping[str, str], script: Script) -> CallInfo:
         # the dialplan may pass the dialled number explicitly when the extension is rewritten before us
         dialled_number=script.args.get("number") or env.get("agi_extension", ""),
         channel=env.get("agi_channel", ""),
+        caller_endpoint=channel_endpoint(env.get("agi_channel", "")),
         language=env.get("agi_language", "ru"),
         script=script.name,
         args=script.args,

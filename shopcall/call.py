@@ -54,6 +54,7 @@ class CallInfo:
     channel: str = ""
     language: str = "ru"
     script: str = ""
+    caller_endpoint: str = ""  # the PBX device placing the call (an agent's phone), when it is one of ours
     args: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, str] = field(default_factory=dict)
 

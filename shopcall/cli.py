@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--pbx", choices=("asterisk", "freeswitch"), default="asterisk")
     r.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
 
+    ag = sub.add_parser("agent", help="agents' availability: log in/out, pause, list")
+    ag.add_argument("action", choices=("login", "logout", "pause", "unpause", "list"))
+    ag.add_argument("endpoint", nargs="?", help="the agent's endpoint (not for list)")
+
     pr = sub.add_parser("prompts", help="prompt audio")
     prsub = pr.add_subparsers(dest="prompts_cmd", required=True)
     prsub.add_parser("build", help="synthesise every prompt (espeak-ng), cached by text")
@@ -99,6 +103,9 @@ async def _run(args: argparse.Namespace, config) -> int:
             return await _load(url, args.file)
         return 0
 
+    if args.cmd == "agent":
+        return await _agent(config, args.action, args.endpoint)
+
     if args.cmd == "render-dialplan":
         from shopcall.dialplan import fallback_members, render
 
@@ -131,6 +138,39 @@ async def _run(args: argparse.Namespace, config) -> int:
         print(await prompts.build_all())
         return 0
     return 2
+
+
+async def _agent(config, action: str, endpoint: str | None) -> int:
+    from shopcall import db
+    from shopcall.call import check_endpoint
+    from shopcall.directory import Directory, Menu
+    from shopcall.flows.agent import ACTIONS
+
+    url = await db.resolve_url(config.database.url, config.pgdata)
+    async with db.open_pool(url, min_size=1, max_size=1) as pool:
+        if action == "list":
+            async with pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT endpoint, name, logged_in, paused, last_call_at FROM employees ORDER BY endpoint")
+                for r in await cur.fetchall():
+                    state = "paused" if r["paused"] else "available" if r["logged_in"] else "logged out"
+                    print(f"{r['endpoint']:16} {state:11} {r['name']}")
+            return 0
+        if not endpoint:
+            print("shopcall: agent " + action + " needs an endpoint", file=sys.stderr)
+            return 2
+        try:
+            check_endpoint(endpoint)
+        except ValueError as exc:
+            print(f"shopcall: {exc}", file=sys.stderr)
+            return 2
+        directory = Directory(pool, timezone=config.shop.timezone, default_menu=Menu())
+        state = await directory.set_agent_state(endpoint, **ACTIONS[action][0])
+    if state is None:
+        print(f"shopcall: no employee has endpoint {endpoint!r}", file=sys.stderr)
+        return 1
+    print(f"{endpoint}: logged_in={state[0]} paused={state[1]}")
+    return 0
 
 
 async def _load(url: str, path: Path) -> int:

@@ -116,6 +116,7 @@ level = "DEBUG"
         conn.execute("""TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members,
                         groups, employees, schedules RESTART IDENTITY CASCADE""")
     app.cli("db", "load", str(DIRECTORY))
+    app.cli("db", "load", str(REPO / "tests" / "data" / "routing_e2e.toml"))
     include = data / "asterisk-shopcall.conf"
     app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
     app.start()
@@ -298,3 +299,85 @@ async def test_caller_hangs_up_while_talking_the_row_still_names_the_agent(stack
     [row] = wait_row(db)
     assert (row["outcome"], row["missed"], row["agent"]) == ("answered", False, "agent1"), explain(stack)
     assert db.execute("SELECT count(*) AS n FROM callback_requests").fetchone()["n"] == 0
+
+
+# --- routing (issue 3) -------------------------------------------------------------------------------
+
+
+def messages(agent: SippAgent) -> str:
+    return agent.messages_file.read_text(encoding="utf-8", errors="replace")
+
+
+async def test_tracking_number_hunts_its_category_group_and_agents_see_the_source(stack, db, agents):
+    a = await agents(agent2=dict(answer_after=None), agent3=dict(answer_after=0.5, hangup_after=1.0))
+    call = await place_call("400", display_name="Пётр", from_user="74957778899", pbx=stack["sip"],
+                            work_dir=stack["work"])
+    assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values())
+    assert (a["agent2"].invites_received(), a["agent2"].cancelled()) == (1, 1)  # hunt: agent2 first, alone
+    assert a["agent3"].answered() == 1
+    assert '"[Встраиваемая] Пётр"' in messages(a["agent3"])  # the From display name the agent's phone shows
+    [row] = wait_row(db)
+    assert (row["outcome"], row["agent"], row["group_name"]) == ("answered", "agent3", "builtin"), explain(stack)
+
+
+async def test_customer_rings_their_manager_first_then_what_they_bought_last(stack, db, agents):
+    a = await agents(agent4=dict(answer_after=None), agent3=dict(answer_after=0.5, hangup_after=1.0))
+    call = await place_call("400", from_user="79165550001", pbx=stack["sip"], work_dir=stack["work"])
+    assert call.answered, explain(stack, *a.values())
+    assert (a["agent4"].invites_received(), a["agent4"].cancelled()) == (1, 1)
+    assert a["agent3"].answered() == 1
+    [row] = wait_row(db)
+    rings = [(s["reason"], s["target"]) for s in row["route_log"] if s["step"] == "ring"]
+    assert rings[:2] == [("sticky", "agent4"), ("last_category", "kitchen")], explain(stack)
+    assert row["agent"] == "agent3"
+    manager = db.execute("SELECT e.endpoint FROM customers c JOIN employees e ON e.id = c.last_manager_id "
+                         "WHERE c.phone = '+79165550001'").fetchone()
+    assert manager["endpoint"] == "agent3"  # who talked to her last is her manager now
+
+
+async def test_overflow_robot_tells_the_order_status(stack, db, agents):
+    a = await agents(agent1=dict(answer_after=None))
+    # the robot's menu starts after greeting + "connecting" + 3 s of ringing: press 1 a few times around it
+    call = await place_call("600", from_user="79165550002", digits="111", digit_delay=9.0, digit_gap=2.5,
+                            pbx=stack["sip"], work_dir=stack["work"], wait_bye=60)
+    assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values())
+    assert a["agent1"].invites_received() == 1 and a["agent1"].answered() == 0
+    [row] = wait_row(db)
+    said = [(s["order"], s["status"]) for s in row["route_log"] if s["step"] == "robot_said"]
+    assert said == [("10578", "at_pickup_point")], explain(stack)
+    assert (row["outcome"], row["robot_choice"]) == ("robot", "1")
+    log = stack["pbx"].full_log.read_text(errors="replace")
+    assert "order_status_at_pickup_point" in log and "order_delivery_date" in log
+
+
+async def test_overflow_robot_silence_means_a_callback(stack, db, agents):
+    await agents(agent1=dict(answer_after=None))
+    call = await place_call("600", from_user="74951112233", pbx=stack["sip"], work_dir=stack["work"], wait_bye=60)
+    assert call.answered and call.hung_up_by == "pbx", explain(stack)
+    [row] = wait_row(db)
+    assert (row["outcome"], row["robot_choice"]) == ("robot", "2")
+    [cb] = db.execute("SELECT * FROM callback_requests").fetchall()
+    assert (cb["phone"], cb["reason"]) == ("+74951112233", "robot")
+
+
+async def test_language_menu_english_is_remembered(stack, db, agents):
+    await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
+    call = await place_call("500", from_user="74953334455", digits="2", pbx=stack["sip"], work_dir=stack["work"])
+    assert call.answered, explain(stack)
+    [row] = wait_row(db)
+    assert (row["language"], row["agent"]) == ("en", "agent1"), explain(stack)
+    assert "/sounds/en/main_menu" in stack["pbx"].full_log.read_text(errors="replace")
+    lang = db.execute("SELECT language FROM customers WHERE phone = '+74953334455'").fetchone()["language"]
+    assert lang == "en"
+
+
+async def test_logged_out_agent_is_not_rung(stack, db, agents):
+    stack["app"].cli("agent", "logout", "agent2")
+    try:
+        a = await agents(agent2=dict(answer_after=0.5), agent3=dict(answer_after=0.5, hangup_after=1.0))
+        call = await place_call("100", digits="2", from_user="74956667788", pbx=stack["sip"],
+                                work_dir=stack["work"])
+        assert call.answered, explain(stack)
+        assert a["agent2"].invites_received() == 0 and a["agent3"].answered() == 1
+    finally:
+        stack["app"].cli("agent", "login", "agent2")

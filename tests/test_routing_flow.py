@@ -154,3 +154,47 @@ async def test_least_recent_rings_who_waited_longest(app, conn):
     call = ScriptedCall(info("100", caller="84957778899"), keys=["2"], dial=[yes("agent3")])
     await run(call, app)
     assert dials(call) == [(["agent3", "agent2"], "hunt", 6)]
+
+
+async def test_feature_codes_log_out_pause_and_back(app, conn):
+    from shopcall.call import CallInfo
+    from shopcall.flows.agent import agent
+
+    def from_phone(action: str, endpoint: str = "agent2") -> ScriptedCall:
+        return ScriptedCall(CallInfo(uniqueid=f"a.{action}", pbx="asterisk", caller_endpoint=endpoint,
+                                     args={"action": action}))
+
+    async def state() -> tuple:
+        cur = await conn.execute("SELECT logged_in, paused FROM employees WHERE endpoint = 'agent2'")
+        row = await cur.fetchone()
+        return row["logged_in"], row["paused"]
+
+    for action, expected, prompt in (("logout", (False, False), "agent_logged_out"),
+                                     ("login", (True, False), "agent_logged_in"),
+                                     ("pause", (True, True), "agent_paused"),
+                                     ("unpause", (True, False), "agent_unpaused")):
+        call = from_phone(action)
+        await agent(call, app)
+        assert await state() == expected and call.played == [prompt]
+    call = from_phone("logout", endpoint="stranger")
+    await agent(call, app)
+    assert call.played == ["agent_unknown"]
+
+
+async def test_logged_out_agent_gets_no_calls(app, conn):
+    from shopcall.call import CallInfo
+    from shopcall.flows.agent import agent
+
+    await agent(ScriptedCall(CallInfo(uniqueid="a.1", pbx="asterisk", caller_endpoint="agent2",
+                                      args={"action": "logout"})), app)
+    call = ScriptedCall(info("100", caller="84957778899"), keys=["2"], dial=[yes("agent3")])
+    await run(call, app)
+    assert dials(call) == [(["agent3"], "ringall", 6)]
+
+
+def test_channel_name_to_endpoint():
+    from agi.routes import channel_endpoint
+
+    assert channel_endpoint("PJSIP/agent1-0000000a") == "agent1"
+    assert channel_endpoint("PJSIP/my-phone-00000001") == "my-phone"
+    assert channel_endpoint("Local/100@ctx-00000001;1") == "100@ctx"
