@@ -59,6 +59,7 @@ class AgiCall(Call):
         self.endpoint_template = endpoint_template
         self.pbx_path = pbx_path  # our path of a file → the path Asterisk sees (chroot, other host)
         self.max_call_seconds = max_call_seconds
+        self.dial_options = "g"  # g: when the agent hangs up, come back to us (log the call, the survey)
 
     async def _send(self, *parts: str, timeout: float | None = None):
         if self.session.hung_up:
@@ -122,9 +123,8 @@ class AgiCall(Call):
     async def _dial_once(self, names: list[str], timeout: int) -> DialResult:
         target = "&".join(self.endpoint_template.format(endpoint=n) for n in names)
         started = time.monotonic()
-        # g: when the agent hangs up, come back to us (to log the call, run the survey) instead of ending
         await self._send(
-            "EXEC", "Dial", quote(f"{target},{int(timeout)},g"),
+            "EXEC", "Dial", quote(f"{target},{int(timeout)},{self.dial_options}"),
             timeout=timeout + self.max_call_seconds + self.session.command_timeout,
         )
         status = (await self.get_var("DIALSTATUS")) or ""
@@ -153,6 +153,23 @@ class AgiCall(Call):
         reply = await self._send(*parts, timeout=max_seconds + self.session.command_timeout + 5)
         ended_by = {"timeout": "maxtime", "dtmf": "dtmf", "hangup": "hangup"}.get(reply.data or "", "silence")
         return RecordResult(path.with_suffix(".wav"), time.monotonic() - started, ended_by)
+
+    async def start_recording(self, path: Path, *, on_demand: bool = False) -> None:
+        target = self.pbx_path(path)
+        if any(ch in target for ch in ',|"\\\n'):
+            raise ValueError(f"recording path {target!r} would change the MixMonitor arguments")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if on_demand:
+            # the agent starts it with the automixmon feature code (features.conf); Dial gets option x
+            await self.set_var("TOUCH_MIXMONITOR", target.removesuffix(".wav"))
+            await self.set_var("TOUCH_MIXMONITOR_FORMAT", "wav")
+            self.dial_options += "x"
+            return
+        # b: write only while bridged, so the greeting and the ringing are not in the file
+        await self._send("EXEC", "MixMonitor", quote(f"{target},b"))
+
+    async def stop_recording(self) -> None:
+        await self._send("EXEC", "StopMixMonitor", quote(""))
 
     async def set_var(self, name: str, value: str) -> None:
         await self._send("SET VARIABLE", check_var_name(name), quote(value))

@@ -53,22 +53,26 @@ def call_info(env: Mapping[str, str], script: Script) -> CallInfo:
     )
 
 
-def path_mapper(local_root: Path, pbx_root: str):
-    """Files under our sounds dir are seen by Asterisk under `pbx_root` (another host, a chroot)."""
-    local = str(local_root).rstrip("/")
-    remote = pbx_root.rstrip("/")
+def path_mapper(*roots: tuple[Path, Path]):
+    """Files under our sounds and recordings dirs are seen by Asterisk under other roots (another host,
+    a chroot): each pair is (our directory, the same directory as Asterisk sees it)."""
+    pairs = [(str(local).rstrip("/"), str(remote).rstrip("/")) for local, remote in roots]
 
     def to_pbx(path: Path) -> str:
         text = str(path)
-        if remote != local and (text == local or text.startswith(local + "/")):
-            return remote + text[len(local):]
+        for local, remote in pairs:
+            if text == local or text.startswith(local + "/"):
+                return remote + text[len(local):]
         return text
 
     return to_pbx
 
 
 def agi_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
-    to_pbx = path_mapper(app.config.sounds_dir, str(app.config.asterisk_sounds_path))
+    to_pbx = path_mapper(
+        (app.config.sounds_dir, app.config.asterisk_sounds_path),
+        (app.config.recordings_dir, app.config.asterisk_recordings_path),
+    )
 
     def route(flow: Flow) -> Handler:
         async def handle(session: AgiSession, env: dict[str, str], script: Script) -> None:

@@ -152,6 +152,14 @@ class Call(abc.ABC):
         self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5, beep: bool = True
     ) -> RecordResult: ...
 
+    async def start_recording(self, path: Path, *, on_demand: bool = False) -> None:
+        """Record the conversation with the agent (the bridged part only) into `path` (.wav). With
+        `on_demand`, nothing is recorded until the agent asks for it with the PBX's feature code."""
+        raise NotImplementedError(f"{type(self).__name__} cannot record calls")
+
+    async def stop_recording(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot record calls")
+
     @abc.abstractmethod
     async def set_var(self, name: str, value: str) -> None: ...
 

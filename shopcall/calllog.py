@@ -47,6 +47,7 @@ class CallRecord:
     missed: bool = True
     recording_path: str | None = None
     callback_reason: str | None = None  # set → a callback request is created with the row
+    survey_answer: int | None = None
     route_log: list[dict[str, Any]] = field(default_factory=list)
 
     def step(self, what: str, **details: Any) -> None:
@@ -109,6 +110,9 @@ class CallLog:
             return False
 
     async def _write(self, rec: CallRecord) -> None:
+        if rec.recording_path and not await asyncio.to_thread(Path(rec.recording_path).exists):
+            rec.step("recording_missing", path=rec.recording_path)  # on demand and never started
+            rec.recording_path = None
         params = asdict(rec)
         params["route_log"] = Jsonb(rec.route_log)
         async with self.pool.connection() as conn, conn.transaction():
@@ -124,6 +128,12 @@ class CallLog:
                         "UPDATE customers SET last_manager_id = %s WHERE id = %s",
                         (row["answered_by"], row["customer_id"]),
                     )
+            if rec.survey_answer:
+                await conn.execute(
+                    """INSERT INTO survey_answers (call_id, employee_id, group_id, answer) VALUES (%s, %s, %s, %s)
+                       ON CONFLICT (call_id) DO UPDATE SET answer = EXCLUDED.answer""",
+                    (row["id"], row["answered_by"], row["group_id"], rec.survey_answer),
+                )
             if rec.callback_reason and rec.caller_e164:
                 # one open request per phone (a partial unique index): a repeat caller refreshes it
                 await conn.execute(

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("action", choices=("login", "logout", "pause", "unpause", "list"))
     ag.add_argument("endpoint", nargs="?", help="the agent's endpoint (not for list)")
 
+    pg = sub.add_parser("purge-recordings", help="delete call recordings older than recording.retention_days")
+    pg.add_argument("--days", type=int, help="override recording.retention_days")
+
     pr = sub.add_parser("prompts", help="prompt audio")
     prsub = pr.add_subparsers(dest="prompts_cmd", required=True)
     prsub.add_parser("build", help="synthesise every prompt (espeak-ng), cached by text")
@@ -101,6 +104,16 @@ async def _run(args: argparse.Namespace, config) -> int:
             print("applied: " + ", ".join(applied) if applied else "database is up to date")
         elif args.db_cmd == "load":
             return await _load(url, args.file)
+        return 0
+
+    if args.cmd == "purge-recordings":
+        from shopcall.recording import purge
+
+        days = args.days or config.recording.retention_days
+        url = await db.resolve_url(config.database.url, config.pgdata)
+        async with db.open_pool(url, min_size=1, max_size=1) as pool:
+            deleted, cleared = await purge(pool, days)
+        print(f"recordings older than {days} days: {deleted} files deleted, {cleared} call rows cleared")
         return 0
 
     if args.cmd == "agent":

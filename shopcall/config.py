@@ -26,6 +26,7 @@ __all__ = [
     "EslConfig",
     "FreeswitchConfig",
     "MailConfig",
+    "RecordingConfig",
     "VoicemailConfig",
     "InboundConfig",
     "LogConfig",
@@ -245,6 +246,7 @@ class AsteriskConfig:
     sounds_path: Path | None = _setting(None, str, "a path", final=_path_or_none)
     context_prefix: str = _setting("shopcall", str, "a dialplan context prefix", _check_context_prefix)
     fallback_group: str = _setting("sales", str, "a non-empty group name", _nonempty)
+    recordings_path: Path | None = _setting(None, str, "a path", final=_path_or_none)
 
     def effective_agi_port(self, agi: AgiConfig) -> int:
         return self.agi_port or agi.port
@@ -298,6 +300,11 @@ class FreeswitchConfig:
 
 
 @dataclass(frozen=True)
+class RecordingConfig:
+    retention_days: int = _number(90, int, lo=1)  # `shopcall purge-recordings` deletes older files
+
+
+@dataclass(frozen=True)
 class MailConfig:
     smtp_host: str = _setting("127.0.0.1", str, "a non-empty host", _nonempty)
     smtp_port: int = _number(25, int, lo=1, hi=65535)
@@ -341,6 +348,7 @@ _SECTIONS: dict[str, type] = {
     "inbound": InboundConfig,
     "esl": EslConfig,
     "freeswitch": FreeswitchConfig,
+    "recording": RecordingConfig,
     "mail": MailConfig,
     "voicemail": VoicemailConfig,
     "log": LogConfig,
@@ -361,6 +369,7 @@ class Config:
     inbound: InboundConfig = field(default_factory=InboundConfig)
     esl: EslConfig = field(default_factory=EslConfig)
     freeswitch: FreeswitchConfig = field(default_factory=FreeswitchConfig)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
     mail: MailConfig = field(default_factory=MailConfig)
     voicemail: VoicemailConfig = field(default_factory=VoicemailConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -396,6 +405,10 @@ class Config:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # bare IPv6 literal
         return f"agi://{host}:{self.asterisk_agi_port}"
+
+    @property
+    def asterisk_recordings_path(self) -> Path:
+        return self.asterisk.recordings_path or self.paths.recordings_dir
 
     @property
     def asterisk_sounds_path(self) -> Path:

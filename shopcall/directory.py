@@ -21,6 +21,7 @@ class Member:
     employee_id: int
     name: str
     endpoint: str
+    recording_policy: str = "always"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Group:
     strategy: str
     ring_timeout: int
     members: tuple[Member, ...]  # available ones (logged in, not paused), in ring order
+    survey: bool = False
+    recording_policy: str | None = None
 
     @property
     def dial_strategy(self) -> DialStrategy:
@@ -63,6 +66,7 @@ class NumberRoute:
     language_menu: bool = False
     overflow_robot: bool = False
     overflow_seconds: int | None = None
+    recording_policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ class Directory:
             row["number"], row["greeting"], row["recording_notice"], row["language"], schedule, menu,
             row["group_name"], row["category"], row["category_title"] or row["category"] or "",
             row["category_group"], row["sticky"], row["sticky_seconds"], row["by_last_category"],
-            row["language_menu"], row["overflow_robot"], row["overflow_seconds"],
+            row["language_menu"], row["overflow_robot"], row["overflow_seconds"], row["recording_policy"],
         )
 
     async def caller(self, e164: str | None) -> Caller:
@@ -140,6 +144,7 @@ class Directory:
             cur = await conn.execute(
                 """
                 SELECT c.id, c.language, e.id AS emp_id, e.name AS emp_name, e.endpoint, e.logged_in, e.paused,
+                       e.recording_policy,
                        (SELECT item->>'category' FROM orders o, jsonb_array_elements(o.items) item
                          WHERE o.customer_id = c.id AND item ? 'category'
                          ORDER BY o.created_at DESC, o.id DESC LIMIT 1) AS last_category
@@ -163,7 +168,7 @@ class Directory:
         if row["emp_id"]:
             state = "logged_out" if not row["logged_in"] else "paused" if row["paused"] else "available"
             if state == "available":
-                manager = Member(row["emp_id"], row["emp_name"], row["endpoint"])
+                manager = Member(row["emp_id"], row["emp_name"], row["endpoint"], row["recording_policy"])
         return Caller(row["id"], row["language"], manager, state, row["last_category"], group)
 
     async def remember_language(self, e164: str, language: str) -> None:
@@ -217,20 +222,22 @@ class Directory:
             }.get(g["strategy"], "gm.position, e.id")
             cur = await conn.execute(
                 f"""
-                SELECT e.id, e.name, e.endpoint FROM group_members gm
+                SELECT e.id, e.name, e.endpoint, e.recording_policy FROM group_members gm
                   JOIN employees e ON e.id = gm.employee_id
                  WHERE gm.group_id = %s AND e.logged_in AND NOT e.paused
                  ORDER BY {order}
                 """,
                 (g["id"],),
             )
-            members = [Member(r["id"], r["name"], r["endpoint"]) for r in await cur.fetchall()]
+            members = [Member(r["id"], r["name"], r["endpoint"], r["recording_policy"])
+                       for r in await cur.fetchall()]
             if g["strategy"] == "roundrobin" and members:
                 # start after the member who was offered the last call, and remember who starts next time
                 start = g["rr_position"] % len(members)
                 members = members[start:] + members[:start]
                 await conn.execute("UPDATE groups SET rr_position = rr_position + 1 WHERE id = %s", (g["id"],))
-        return Group(g["id"], g["name"], g["strategy"], g["ring_timeout"], tuple(members))
+        return Group(g["id"], g["name"], g["strategy"], g["ring_timeout"], tuple(members), g["survey_enabled"],
+                     g["recording_policy"])
 
     async def employee_by_endpoint(self, endpoint: str) -> int | None:
         async with self.pool.connection() as conn:

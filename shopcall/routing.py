@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shopcall.call import DialStrategy
-from shopcall.directory import Caller, Directory, Group, NumberRoute
+from shopcall.directory import Caller, Directory, Group, Member, NumberRoute
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class RingStep:
     strategy: DialStrategy
     timeout: int
     group: Group | None = None
+    members: tuple[Member, ...] = ()
 
 
 async def plan(
@@ -44,7 +45,7 @@ async def plan(
             skipped.append({"ring": "sticky", "skipped": "not_in_chosen_group", "manager": manager.endpoint})
         else:
             steps.append(RingStep("sticky", manager.endpoint, (manager.endpoint,), DialStrategy.RINGALL,
-                                  route.sticky_seconds))
+                                  route.sticky_seconds, None, (manager,)))
 
     if route.by_last_category and not menu_group and caller.last_category_group:
         if caller.last_category_group != main_name:
@@ -72,4 +73,4 @@ def _group_step(reason: str, group: Group, route: NumberRoute) -> RingStep:
     if route.overflow_robot and route.overflow_seconds:
         timeout = min(timeout, route.overflow_seconds)  # the robot takes over sooner
     return RingStep(reason, group.name, tuple(m.endpoint for m in group.members), group.dial_strategy,
-                    timeout, group)
+                    timeout, group, group.members)

@@ -75,6 +75,15 @@ class ScriptedCall(Call):
         self._do("record", str(path))
         return RecordResult(path, 0.0, "silence")
 
+    async def start_recording(self, path: Path, *, on_demand: bool = False) -> None:
+        self._do("start_recording", str(path), on_demand)
+        if not on_demand:  # the PBX would create the file as soon as the agent is bridged
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"RIFF")
+
+    async def stop_recording(self) -> None:
+        self._do("stop_recording")
+
     async def set_var(self, name: str, value: str) -> None:
         self._do("set", name, value)
         self.vars[name] = value

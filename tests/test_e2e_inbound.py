@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import wave
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -185,6 +186,17 @@ def wait_row(db: psycopg.Connection, count: int = 1, timeout: float = 10.0) -> l
         time.sleep(0.1)
 
 
+def recorded_seconds(path: Path, timeout: float = 10.0) -> float:
+    """MixMonitor completes the WAV header when it lets go of the file, just after the hangup."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with wave.open(str(path)) as w:
+            seconds = w.getnframes() / w.getframerate()
+        if seconds > 0 or time.monotonic() > deadline:
+            return seconds
+        time.sleep(0.2)
+
+
 def explain(stack, *agents: SippAgent) -> str:
     return "\n".join([
         "--- shopcall log", stack["app"].log_tail(40), "--- asterisk log", stack["pbx"].log_tail(40),
@@ -193,7 +205,8 @@ def explain(stack, *agents: SippAgent) -> str:
 
 
 async def test_key_2_rings_the_whole_delivery_group_and_logs_who_answered(stack, db, agents):
-    a = await agents(agent2=dict(answer_after=1.0, hangup_after=2.0), agent3=dict(answer_after=None))
+    a = await agents(agent2=dict(answer_after=1.0, hangup_after=2.5, says="Hello, delivery department."),
+                     agent3=dict(answer_after=None))
     call = await place_call("100", digits="2", pbx=stack["sip"], work_dir=stack["work"])
     assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values()) + call.log_tail
     await a["agent3"].wait_for("CANCELLED")
@@ -204,6 +217,10 @@ async def test_key_2_rings_the_whole_delivery_group_and_logs_who_answered(stack,
         "answered", False, "agent2", "delivery", "2"), explain(stack)
     assert row["caller_e164"] == "+79161234567" and row["dialled_number"] == "100"
     assert row["answered_at"] and row["ended_at"] > row["answered_at"]
+    # agents record "always" by default: MixMonitor wrote the bridged conversation where the row says
+    recorded = Path(row["recording_path"])
+    assert recorded.is_relative_to(stack["work"] / "shopcall" / "recordings"), row["recording_path"]
+    assert recorded_seconds(recorded) > 1.0  # the agent's greeting, 2.5 s of conversation
 
 
 async def test_no_input_goes_to_sales(stack, db, agents):
@@ -381,3 +398,19 @@ async def test_logged_out_agent_is_not_rung(stack, db, agents):
         assert a["agent2"].invites_received() == 0 and a["agent3"].answered() == 1
     finally:
         stack["app"].cli("agent", "login", "agent2")
+
+
+async def test_survey_answer_after_the_agent_hangs_up(stack, db, agents):
+    db.execute("UPDATE groups SET survey_enabled = true WHERE name = 'delivery'")
+    try:
+        a = await agents(agent2=dict(answer_after=0.5, hangup_after=1.0), agent3=dict(answer_after=None))
+        # "2" for delivery during the greeting, then "1" while the survey question plays
+        call = await place_call("100", digits="21", digit_gap=6.0, from_user="74950001122", pbx=stack["sip"],
+                                work_dir=stack["work"])
+    finally:
+        db.execute("UPDATE groups SET survey_enabled = false WHERE name = 'delivery'")
+    assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values())
+    [row] = wait_row(db)
+    survey = db.execute("SELECT s.answer, e.endpoint FROM survey_answers s JOIN employees e "
+                        "ON e.id = s.employee_id WHERE s.call_id = %s", (row["id"],)).fetchone()
+    assert survey == {"answer": 1, "endpoint": "agent2"}, explain(stack)

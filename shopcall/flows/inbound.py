@@ -7,10 +7,12 @@ fallback group itself, so no call is lost because of us.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
+from pathlib import Path
 
-from shopcall import hours, routing
+from shopcall import hours, recording, routing
 from shopcall.app import App
 from shopcall.call import Call, CallEnded, DialStatus, presentable
 from shopcall.calllog import CallRecord, now
@@ -102,9 +104,16 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
     result = None
     if steps:
         await call.play("connecting")
+    recording_to: Path | None = None
     for step in steps:
         rec.step("ring", reason=step.reason, target=step.label, endpoints=list(step.endpoints),
                  strategy=str(step.strategy), timeout=step.timeout)
+        group_policy = step.group.recording_policy if step.group else None
+        policy = recording.resolve(route.recording_policy, group_policy, [m.recording_policy for m in step.members])
+        if policy != "never" and recording_to is None:
+            recording_to = recording.path_for(app.config.recordings_dir, rec.uniqueid, rec.started_at)
+            await call.start_recording(recording_to, on_demand=policy == "on_demand")
+            rec.step("recording", policy=policy)
         result = await call.dial(list(step.endpoints), strategy=step.strategy, timeout=step.timeout,
                                  caller_name=shown if shown != call.info.caller_name else None)
         rec.step("dial", status=str(result.status), answered=result.answered_endpoint, detail=result.detail)
@@ -114,6 +123,13 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
             rec.outcome, rec.missed = "answered", False
             rec.answered_endpoint = result.answered_endpoint
             rec.answered_at = now() - timedelta(seconds=result.talk_seconds)
+            agent = next((m for m in step.members if m.endpoint == result.answered_endpoint), None)
+            if recording_to is not None:
+                await _settle_recording(call, rec, recording_to,
+                                        keep=recording.keep_for(route.recording_policy, group_policy,
+                                                                agent.recording_policy if agent else "always"))
+            if step.group.survey if step.group else any(st.group and st.group.survey for st in steps):
+                await _survey(call, app, rec)
             await _finish(call, rec)
             return
         if result.status == DialStatus.CALLER_GONE:
@@ -130,6 +146,26 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
     else:
         await call.play("nobody_answered")
     await _finish(call, rec)
+
+
+async def _settle_recording(call: Call, rec: CallRecord, path: Path, *, keep: bool) -> None:
+    if keep:
+        rec.recording_path = str(path)  # an on-demand file may not exist: the path is cleared at save
+        return
+    # an agent who is never recorded answered a step that recorded for the others: discard it
+    await call.stop_recording()
+    await asyncio.to_thread(path.unlink, missing_ok=True)
+    rec.step("recording_discarded", reason="agent policy never")
+
+
+async def _survey(call: Call, app: App, rec: CallRecord) -> None:
+    """After the agent hangs up (Dial returns to us), the caller rates the call: 1, 2 or 3."""
+    choice = await call.menu("survey_question", ("1", "2", "3"), default=None,
+                             timeout=app.config.inbound.menu_timeout, retries=1)
+    rec.step("survey", answer=choice.choice if choice else None)
+    if choice:
+        rec.survey_answer = int(choice.choice)
+        await call.play("survey_thanks")
 
 
 async def _choose_language(call: Call, app: App, rec: CallRecord) -> None:

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from .rtp_pcap import RtpStream, speech_ulaw
+
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "sipp"
 PCAP_DIR = Path("/usr/share/sip-tester")
 SIPP = "sipp"
@@ -165,7 +167,10 @@ def render_caller_scenario(
     pai_display_name: str | None,
     extra_headers: Mapping[str, str],
     wait_bye: float,
+    pcap_prefix: Path | None = None,
 ) -> str:
+    """With `pcap_prefix`, each digit gets a pcap of its own (rtp_pcap.RtpStream): distinct RFC 4733
+    timestamps, so Asterisk sees every digit and not only the first."""
     if not _USER.match(from_user):
         raise ValueError(f"bad SIP user {from_user!r}")
     uri = f"<sip:{from_user}@[local_ip]:[local_port]>"
@@ -182,10 +187,14 @@ def render_caller_scenario(
         headers.append(f"{name}: {sipp_literal(value)}")
     steps = []
     wait = digit_delay
+    stream = RtpStream() if pcap_prefix is not None else None
     for i, digit in enumerate(digits):
         if digit not in _PCAP_NAMES:
             raise ValueError(f"no RFC 4733 pcap for digit {digit!r} (0-9, *, #)")
-        pcap = PCAP_DIR / f"dtmf_2833_{_PCAP_NAMES[digit]}.pcap"
+        if stream is not None and pcap_prefix is not None:
+            pcap = stream.dtmf(Path(f"{pcap_prefix}-digit{i}.pcap"), digit)
+        else:
+            pcap = PCAP_DIR / f"dtmf_2833_{_PCAP_NAMES[digit]}.pcap"
         steps.append(
             f'  <recv request="BYE" timeout="{_ms(wait)}" ontimeout="digit{i}" next="pbx_bye"/>\n'
             f'  <label id="digit{i}"/>\n'
@@ -235,7 +244,7 @@ async def place_call(
         render_caller_scenario(
             from_user=from_user, display_name=display_name, digits=digits, digit_delay=digit_delay,
             digit_gap=digit_gap, pai_display_name=pai_display_name, extra_headers=extra_headers or {},
-            wait_bye=wait_bye,
+            wait_bye=wait_bye, pcap_prefix=base,
         ),
         encoding="utf-8",
     )  # fmt: skip
@@ -335,6 +344,7 @@ class SippAgent:
         answer_after: float | None = 1.0,
         hangup_after: float | None = None,
         media_port: int | None = None,
+        says: str | None = None,
     ) -> None:
         if not _USER.match(user):
             raise ValueError(f"bad SIP user {user!r}")
@@ -343,6 +353,7 @@ class SippAgent:
         self.media_port = media_port or free_media_port()
         self.answer_after = answer_after
         self.hangup_after = hangup_after
+        self.says = says  # spoken (RTP µ-law) right after answering, so a recording has audio
         base = Path(work_dir) / f"agent-{user}-{port}"
         self.scenario = base.with_suffix(".xml")
         self.events_file = Path(f"{base}_events.log")
@@ -360,6 +371,9 @@ class SippAgent:
             talk = '  <recv request="BYE"/>\n'
         else:
             talk = f'  <recv request="BYE" timeout="{_ms(self.hangup_after)}" ontimeout="agent_bye"/>\n'
+        if self.says:
+            pcap = RtpStream().speech(self.scenario.with_suffix(".speech.pcap"), speech_ulaw(self.says))
+            talk = f'  <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>\n' + talk
         return _render("uas_agent.xml", {"USER": self.user, "RING_WAIT": ring, "TALK_WAIT": talk})
 
     async def start(self, timeout: float = 5.0) -> None:
