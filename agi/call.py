@@ -145,7 +145,9 @@ class AgiCall(Call):
     ) -> RecordResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        parts = ["RECORD FILE", quote(self.pbx_path(path)), "wav", quote("#"), str(max_seconds * 1000), "0"]
+        # Asterisk adds the format's extension to the name it is given
+        parts = ["RECORD FILE", quote(self.pbx_path(path.with_suffix(""))), "wav", quote("#"),
+                 str(max_seconds * 1000), "0"]
         if beep:
             parts.append("BEEP")
         if silence_seconds:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -14,6 +17,8 @@ from shopcall.config import Config
 from shopcall.directory import Directory, Menu
 from shopcall.prompts import Prompts
 from shopcall.tts import Tts
+
+log = logging.getLogger("shopcall.app")
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "sounds" / "prompts.toml"
 
@@ -26,6 +31,19 @@ class App:
     directory: Directory
     calllog: CallLog
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    tasks: set[asyncio.Task] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+        """Work that must not hold the call (transcription, mail): kept referenced until it ends."""
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     @classmethod
     def build(cls, config: Config, pool: AsyncConnectionPool) -> App:

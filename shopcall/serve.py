@@ -17,7 +17,7 @@ from shopcall.flows import load_all
 log = logging.getLogger("shopcall.serve")
 
 PARTS = ("agi", "esl", "api", "dialler")
-AVAILABLE = ("agi",)  # the others arrive with their issues (FreeSWITCH, outbound campaigns)
+AVAILABLE = ("agi", "esl")  # the others arrive with their issues (outbound campaigns)
 
 
 class PartUnavailable(Exception):
@@ -58,19 +58,42 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
     summary = await app.prompts.build_all()
     log.info("prompts ready: %s", summary)
 
-    from agi.routes import agi_routes
-    from agi.server import FastAgiServer
+    servers: list = []  # FastAGI (Asterisk) and the event socket server (FreeSWITCH), as asked
+    if "agi" in parts:
+        from agi.routes import agi_routes
+        from agi.server import FastAgiServer
 
-    agi = FastAgiServer(
-        agi_routes(app, load_all()),
-        host=config.agi.listen,
-        port=config.agi.port,
-        allow=config.agi.allow,
-        command_timeout=config.agi.command_timeout,
-        backlog=config.agi.backlog,
-    )
-    await agi.start()
-    replay = asyncio.create_task(app.calllog.replay_forever(), name="spool-replay")
+        agi = FastAgiServer(
+            agi_routes(app, load_all()),
+            host=config.agi.listen,
+            port=config.agi.port,
+            allow=config.agi.allow,
+            command_timeout=config.agi.command_timeout,
+            backlog=config.agi.backlog,
+        )
+        await agi.start()
+        servers.append(agi)
+    if "esl" in parts:
+        from esl.routes import esl_routes
+        from esl.server import EslServer
+
+        esl = EslServer(
+            esl_routes(app, load_all()),
+            host=config.esl.listen,
+            port=config.esl.port,
+            allow=config.esl.allow,
+            command_timeout=config.esl.command_timeout,
+            backlog=config.esl.backlog,
+        )
+        await esl.start()
+        servers.append(esl)
+    from shopcall import mailer, voicemail
+
+    background = [
+        asyncio.create_task(app.calllog.replay_forever(), name="call-spool-replay"),
+        asyncio.create_task(mailer.run_forever(pool, config), name="mail-outbox"),
+        asyncio.create_task(_every(30, voicemail.replay_spool, pool, config), name="voicemail-spool-replay"),
+    ]
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -84,6 +107,19 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         await stop.wait()
     finally:
         log.info("shutting down: letting live calls finish (up to 5 s)")
-        replay.cancel()
-        await agi.stop(grace=5.0)
+        for task in background:
+            task.cancel()
+        for server in servers:
+            await server.stop(grace=5.0)
+        if app.tasks:  # voicemails being stored: let them finish (each is spooled if the DB is gone)
+            await asyncio.wait(app.tasks, timeout=30)
         await pool.close()
+
+
+async def _every(seconds: float, fn, *args) -> None:
+    while True:
+        try:
+            await fn(*args)
+        except Exception:
+            log.exception("%s failed", getattr(fn, "__name__", fn))
+        await asyncio.sleep(seconds)

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import math
+import struct
+import wave
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,12 +31,14 @@ class ScriptedCall(Call):
         greeting_key: str | None = None,
         dial: Sequence[DialResult] = (),
         hang_up_on: str | None = None,
+        message_seconds: float = 0.0,
     ) -> None:
         super().__init__(info, PromptNames())
         self.keys = list(keys)
         self.greeting_key = greeting_key
         self.dial_results = list(dial)
         self.hang_up_on = hang_up_on  # the first verb of this name finds the caller gone
+        self.message_seconds = message_seconds  # what the caller says when recorded (a 440 Hz tone)
         self.actions: list[tuple] = []
         self.vars: dict[str, str] = {}
 
@@ -73,7 +78,15 @@ class ScriptedCall(Call):
     async def record(self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5,
                      beep: bool = True) -> RecordResult:
         self._do("record", str(path))
-        return RecordResult(path, 0.0, "silence")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frames = int(self.message_seconds * 8000)
+        with wave.open(str(path), "wb") as w:  # what the PBX would have written
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(8000)
+            w.writeframes(b"".join(
+                struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / 8000))) for i in range(frames)))
+        return RecordResult(path, self.message_seconds, "silence")
 
     async def start_recording(self, path: Path, *, on_demand: bool = False) -> None:
         self._do("start_recording", str(path), on_demand)

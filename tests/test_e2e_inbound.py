@@ -4,6 +4,8 @@ to `shopcall serve` (a real process) and PostgreSQL; agents are SIPp UAS phones 
 
 from __future__ import annotations
 
+import asyncio
+import email.header
 import os
 import signal
 import socket
@@ -93,6 +95,7 @@ def stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
     data.mkdir()
     agi_port = free_tcp_port()
     config = work / "shopcall.toml"
+    smtp_port = free_tcp_port()
     config.write_text(
         f"""
 [shop]
@@ -107,12 +110,32 @@ port = {agi_port}
 command_timeout = 10.0
 [inbound]
 ring_timeout = 6
+[mail]
+smtp_port = {smtp_port}
+retry_seconds = 1
+[voicemail]
+min_seconds = 1.0
 [log]
 level = "DEBUG"
 """,
         encoding="utf-8",
     )
     app = Shopcall(config, work / "shopcall.log", agi_port)
+    # a real SMTP server receives the voicemail notices
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.handlers import Message as _Message
+
+    class Inbox(_Message):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list = []
+
+        def handle_message(self, message) -> None:
+            self.messages.append(message)
+
+    inbox = Inbox()
+    smtp = Controller(inbox, hostname="127.0.0.1", port=smtp_port)
+    smtp.start()
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("""TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members,
                         groups, employees, schedules RESTART IDENTITY CASCADE""")
@@ -141,16 +164,18 @@ exten => _X.,1,GotoIf($["${{PJSIP_HEADER(read,X-Shopcall-Test-Name)}}" = ""]?go)
         app.stop()
         raise
     try:
-        yield {"pbx": pbx, "app": app, "url": pg_url, "work": work, "sip": f"127.0.0.1:{pbx.sip_port}"}
+        yield {"pbx": pbx, "app": app, "url": pg_url, "work": work, "sip": f"127.0.0.1:{pbx.sip_port}",
+               "inbox": inbox}
     finally:
         pbx.stop()
         app.stop()
+        smtp.stop()
 
 
 @pytest.fixture
 def db(stack) -> Iterator[psycopg.Connection]:
     with psycopg.connect(stack["url"], autocommit=True, row_factory=dict_row) as conn:
-        conn.execute("TRUNCATE callback_requests, calls RESTART IDENTITY CASCADE")
+        conn.execute("TRUNCATE callback_requests, calls, voicemails, outbox RESTART IDENTITY CASCADE")
         yield conn
 
 
@@ -247,12 +272,16 @@ async def test_nobody_answers_missed_row_and_callback(stack, db, agents):
 
 async def test_out_of_hours_plays_the_message_and_logs_a_missed_call(stack, db, agents):
     a = await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
-    call = await place_call("200", pbx=stack["sip"], work_dir=stack["work"])
-    assert call.answered and call.hung_up_by == "pbx", explain(stack)
+    # this caller hangs up at the voicemail tone without a word (SIPp sends no audio at all, so
+    # Asterisk's silence detection has nothing to measure: only the hangup ends the recording)
+    call = await place_call("200", pbx=stack["sip"], work_dir=stack["work"], wait_bye=22)
+    assert call.answered and call.hung_up_by == "caller", explain(stack)
     [row] = wait_row(db)
     assert (row["outcome"], row["missed"]) == ("after_hours", True)
     assert a["agent1"].invites_received() == 0
-    assert call.talk_time and call.talk_time > 3  # greeting, notice and the after-hours message were played
+    steps = [s["step"] for s in row["route_log"]]
+    assert steps[-2:] == ["voicemail", "caller_hung_up"] or steps[-1] == "voicemail", steps
+    assert db.execute("SELECT count(*) AS n FROM voicemails").fetchone()["n"] == 0  # nothing said: dropped
 
 
 async def test_holiday_closes_the_line(stack, db, agents):
@@ -414,3 +443,32 @@ async def test_survey_answer_after_the_agent_hangs_up(stack, db, agents):
     survey = db.execute("SELECT s.answer, e.endpoint FROM survey_answers s JOIN employees e "
                         "ON e.id = s.employee_id WHERE s.call_id = %s", (row["id"],)).fetchone()
     assert survey == {"answer": 1, "endpoint": "agent2"}, explain(stack)
+
+
+async def test_after_hours_voicemail_is_recorded_transcribed_and_mailed(stack, db, agents):
+    inbox = stack["inbox"]
+    inbox.messages.clear()
+    # the caller starts talking at the tone (~20 s in: greeting, notice, after-hours message, prompt), then
+    # hangs up, which is how most messages end (SIPp sends no audio after its speech, so silence
+    # detection has no frames to measure)
+    call = await place_call("200", from_user="79165551234", pbx=stack["sip"], work_dir=stack["work"],
+                            speech="Hello. Please call me back about my order. " * 5, speech_delay=19.0,
+                            wait_bye=30)
+    assert call.answered and call.hung_up_by == "caller", explain(stack)
+    deadline = time.monotonic() + 60
+    while not inbox.messages and time.monotonic() < deadline:  # the outbox is polled every few seconds
+        await asyncio.sleep(0.5)  # noqa: ASYNC110
+    [row] = wait_row(db)
+    assert row["outcome"] == "after_hours"
+    vm = db.execute("SELECT * FROM voicemails").fetchone()
+    assert vm is not None, explain(stack)
+    assert vm["seconds"] > 5 and vm["call_id"] == row["id"] and vm["status"] == "notified", vm
+    assert vm["path"].endswith(".wav") and Path(vm["path"]).is_file()
+    # transcription ran on the real recording without error; what pocketsphinx makes of espeak's voice after
+    # a G.711 round trip is often nothing (accuracy is checked on clean audio in test_transcribe.py)
+    assert vm["transcript_engine"] == "pocketsphinx" and vm["transcript_error"] is None
+    assert vm["transcript"] is not None
+    [mail] = inbox.messages
+    assert mail["To"] == "anna@example.test" and "+7 916 555-12-34" in str(
+        email.header.make_header(email.header.decode_header(mail["Subject"])))
+    assert [p.get_content_type() for p in mail.walk() if p.get_filename()] == ["audio/wav"]

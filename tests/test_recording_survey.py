@@ -121,3 +121,35 @@ async def test_purge_deletes_old_recordings_and_clears_the_paths(app, conn, pool
         {"uniqueid": "n", "recording_path": str(new), "purged": False},
         {"uniqueid": "o", "recording_path": None, "purged": True},
     ]
+
+
+async def settle(app) -> None:
+    import asyncio
+
+    while app.tasks:
+        await asyncio.gather(*app.tasks)
+
+
+async def test_after_hours_voicemail_is_stored_and_its_notice_queued(app, conn):
+    await conn.execute("UPDATE voicemails SET status = status")  # the table exists (migration 002)
+    call = ScriptedCall(info("200"), message_seconds=3.0)
+    await run(call, app)
+    await settle(app)
+    assert call.played[-2:] == ["after_hours", "voicemail_prompt"] and ("record" in [a[0] for a in call.actions])
+    cur = await conn.execute("SELECT v.*, e.endpoint FROM voicemails v JOIN employees e ON e.id = v.employee_id")
+    [vm] = await cur.fetchall()
+    assert (vm["endpoint"], vm["group_name"], vm["status"]) == ("agent1", "sales", "queued")
+    assert 2.9 < vm["seconds"] < 3.1 and vm["call_id"] == (await call_row(conn))["id"]
+    cur = await conn.execute("SELECT to_addr, attachments FROM outbox")
+    [mail] = await cur.fetchall()
+    assert mail["to_addr"] == "anna@example.test" and mail["attachments"] == [vm["path"]]
+
+
+async def test_a_message_under_a_second_is_dropped(app, conn):
+    call = ScriptedCall(info("200"), message_seconds=0.4)
+    await run(call, app)
+    await settle(app)
+    cur = await conn.execute("SELECT count(*) AS n FROM voicemails")
+    assert (await cur.fetchone())["n"] == 0
+    row = await call_row(conn)
+    assert next(s for s in row["route_log"] if s["step"] == "voicemail")["seconds"] == 0.4

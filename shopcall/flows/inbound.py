@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import wave
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from shopcall.calllog import CallRecord, now
 from shopcall.flows import flow
 from shopcall.flows.robot import overflow_robot
 from shopcall.phone import to_e164
+from shopcall.voicemail import store_voicemail
 
 log = logging.getLogger("shopcall.inbound")
 
@@ -78,6 +80,8 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
     if not decision.open:
         rec.outcome = "holiday" if decision.reason in CLOSED_PROMPT else "after_hours"
         await call.play(CLOSED_PROMPT.get(decision.reason, "after_hours"))
+        if app.config.voicemail.after_hours:
+            await _voicemail(call, app, rec, route)
         await _finish(call, rec)
         return
 
@@ -145,7 +149,41 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
         await overflow_robot(call, app, rec)
     else:
         await call.play("nobody_answered")
+        if app.config.voicemail.on_no_answer:
+            await _voicemail(call, app, rec, route)
     await _finish(call, rec)
+
+
+async def _voicemail(call: Call, app: App, rec: CallRecord, route) -> None:
+    """Record a message for the group's owner; keeping, transcribing and mailing it happen after the
+    call, in the background, so the caller is not held and a slow transcription loses nothing."""
+    group = rec.group_name or route.group_name or route.category_group
+    if group is None and route.menu is not None:
+        group = route.menu.options.get(route.menu.default_choice)
+    group = group or app.config.asterisk.fallback_group
+    path = recording.path_for(app.config.recordings_dir / "voicemail", rec.uniqueid, rec.started_at)
+    await call.play("voicemail_prompt")
+    try:
+        result = await call.record(path, max_seconds=app.config.voicemail.max_seconds, silence_seconds=5)
+    except CallEnded:
+        result = None  # hanging up is how most callers end a message: keep what was recorded
+    seconds = await asyncio.to_thread(_wav_seconds, path)
+    rec.step("voicemail", seconds=round(seconds, 1), group=group, ended_by=result.ended_by if result else "hangup")
+    info = call.info
+    app.spawn(
+        store_voicemail(app.pool, call_uniqueid=rec.uniqueid, caller_number=info.caller_number,
+                        caller_name=info.caller_name, caller_e164=rec.caller_e164, group_name=group,
+                        path=path, seconds=seconds, config=app.config),
+        name=f"voicemail {rec.uniqueid}",
+    )
+
+
+def _wav_seconds(path: Path) -> float:
+    try:
+        with wave.open(str(path)) as w:
+            return w.getnframes() / float(w.getframerate() or 8000)
+    except (OSError, EOFError, wave.Error):
+        return 0.0
 
 
 async def _settle_recording(call: Call, rec: CallRecord, path: Path, *, keep: bool) -> None:

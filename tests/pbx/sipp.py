@@ -168,6 +168,8 @@ def render_caller_scenario(
     extra_headers: Mapping[str, str],
     wait_bye: float,
     pcap_prefix: Path | None = None,
+    speech: str | None = None,
+    speech_delay: float = 0.0,
 ) -> str:
     """With `pcap_prefix`, each digit gets a pcap of its own (rtp_pcap.RtpStream): distinct RFC 4733
     timestamps, so Asterisk sees every digit and not only the first."""
@@ -201,6 +203,15 @@ def render_caller_scenario(
             f'  <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>\n'
         )
         wait = digit_gap
+    if speech:  # after the digits (or the answer): the caller talks, e.g. into voicemail
+        if pcap_prefix is None:
+            raise ValueError("speech needs pcap_prefix (a directory for the generated pcap)")
+        pcap = (stream or RtpStream()).speech(Path(f"{pcap_prefix}-speech.pcap"), speech_ulaw(speech))
+        steps.append(
+            f'  <recv request="BYE" timeout="{_ms(speech_delay)}" ontimeout="speech" next="pbx_bye"/>\n'
+            f'  <label id="speech"/>\n'
+            f'  <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>\n'
+        )
     # After the last digit its pcap (0.14 s) is still playing: the BYE wait covers it.
     return _render(
         "uac_call.xml",
@@ -225,6 +236,8 @@ async def place_call(
     pai_display_name: str | None = None,
     extra_headers: Mapping[str, str] | None = None,
     wait_bye: float = 60.0,
+    speech: str | None = None,
+    speech_delay: float = 0.0,
     pbx: str = DEFAULT_PBX,
     port: int | None = None,
     media_port: int | None = None,
@@ -244,7 +257,7 @@ async def place_call(
         render_caller_scenario(
             from_user=from_user, display_name=display_name, digits=digits, digit_delay=digit_delay,
             digit_gap=digit_gap, pai_display_name=pai_display_name, extra_headers=extra_headers or {},
-            wait_bye=wait_bye, pcap_prefix=base,
+            wait_bye=wait_bye, pcap_prefix=base, speech=speech, speech_delay=speech_delay,
         ),
         encoding="utf-8",
     )  # fmt: skip
