@@ -120,16 +120,13 @@ async def _run(args: argparse.Namespace, config) -> int:
         return await _agent(config, args.action, args.endpoint)
 
     if args.cmd == "render-dialplan":
-        from shopcall.dialplan import fallback_members, render
+        from shopcall.dialplan import fallback_group, fallback_members, render
 
-        if args.pbx != "asterisk":
-            print("shopcall: the FreeSWITCH dialplan is not built yet (it comes with the ESL adapter)",
-                  file=sys.stderr)
-            return 2
         url = await db.resolve_url(config.database.url, config.pgdata)
         async with db.open_pool(url, min_size=1, max_size=1) as pool:
-            members = await fallback_members(pool, config.asterisk.fallback_group)
-        include = str(args.output.resolve()) if args.output else "/etc/asterisk/shopcall.conf"
+            members = await fallback_members(pool, fallback_group(config, args.pbx))
+        default = {"asterisk": "/etc/asterisk/shopcall.conf", "freeswitch": "/etc/freeswitch/dialplan/shopcall.xml"}
+        include = str(args.output.resolve()) if args.output else default[args.pbx]
         text = render(config, args.pbx, members, include)
         if args.output:
             args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ from shopcall.config import Config
 log = logging.getLogger("shopcall.dialplan")
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "dialplan"
-PBXES = ("asterisk",)  # FreeSWITCH XML comes with the ESL issue
+PBXES = ("asterisk", "freeswitch")
+TEMPLATE = {"asterisk": "asterisk.conf.j2", "freeswitch": "freeswitch.xml.j2"}
 
 
 async def fallback_members(pool: AsyncConnectionPool, group: str) -> list[str]:
@@ -27,6 +28,10 @@ async def fallback_members(pool: AsyncConnectionPool, group: str) -> list[str]:
         return [row["endpoint"] for row in await cur.fetchall()]
 
 
+def fallback_group(config: Config, pbx: str) -> str:
+    return config.freeswitch.fallback_group if pbx == "freeswitch" else config.asterisk.fallback_group
+
+
 def render(config: Config, pbx: str, fallback_endpoints: list[str], include_path: str) -> str:
     if pbx not in PBXES:
         raise ValueError(f"no dialplan for {pbx!r} yet (available: {', '.join(PBXES)})")
@@ -34,13 +39,22 @@ def render(config: Config, pbx: str, fallback_endpoints: list[str], include_path
         loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
     )
     # endpoint names are validated, so nothing from the database can change the Dial() arguments
-    dial = "&".join(
-        config.asterisk.endpoint_template.format(endpoint=check_endpoint(e)) for e in fallback_endpoints
-    )
+    template, joiner = (config.freeswitch.endpoint_template, ",") if pbx == "freeswitch" else (
+        config.asterisk.endpoint_template, "&")
+    dial = joiner.join(template.format(endpoint=check_endpoint(e)) for e in fallback_endpoints)
     if not dial:
         log.warning("fallback group %r has no members: the rendered fallback plays congestion",
-                    config.asterisk.fallback_group)
-    return env.get_template(f"{pbx}.conf.j2").render(
+                    fallback_group(config, pbx))
+    if pbx == "freeswitch":
+        return env.get_template(TEMPLATE[pbx]).render(
+            context=config.freeswitch.context,
+            socket=f"{config.freeswitch.socket_host}:{config.freeswitch.socket_port or config.esl.port}",
+            fallback_group=config.freeswitch.fallback_group,
+            fallback_dial=dial,
+            fallback_timeout=config.inbound.ring_timeout,
+            include_path=include_path,
+        )
+    return env.get_template(TEMPLATE[pbx]).render(
         prefix=config.asterisk.context_prefix,
         agi_url=config.agi_url,
         fallback_group=config.asterisk.fallback_group,

@@ -73,9 +73,32 @@ async def test_render_dialplan_rings_the_fallback_group_from_the_directory(conn,
     assert '"${SHOPCALL_DONE}" = "1"' in text
 
 
-def test_render_dialplan_for_freeswitch_is_not_there_yet(config):
-    out = shopcall("render-dialplan", "--pbx", "freeswitch", config=config)
-    assert out.returncode == 2 and "not built yet" in out.stderr
+async def test_render_dialplan_for_freeswitch_hands_calls_to_the_socket_then_the_fallback(conn, config, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    await load(conn, read(DIRECTORY))
+    target = tmp_path / "shopcall.xml"
+    out = shopcall("render-dialplan", "--pbx", "freeswitch", "-o", str(target), config=config)
+    assert out.returncode == 0, out.stderr
+    root = ET.fromstring(target.read_text())  # well-formed XML, <include> as FreeSWITCH wants it
+    contexts = {c.get("name"): c for c in root.iter("context")}
+    assert set(contexts) == {"shopcall", "shopcall-robot", "shopcall-agents"}
+
+    def actions(context: str, extension: str) -> list[tuple[str, str]]:
+        ext = contexts[context].find(f"extension[@name='{extension}']")
+        return [(a.get("application"), a.get("data")) for a in ext.iter("action")]
+
+    inbound = actions("shopcall", "shopcall-inbound")
+    socket = ("socket", "127.0.0.1:8084 async full")
+    assert inbound.index(("set", "socket_resume=true")) < inbound.index(socket)  # a closed socket goes on
+    assert inbound.index(("set", "shopcall_flow=inbound")) < inbound.index(socket)
+    assert inbound[-1] == ("transfer", "shopcall-fallback XML shopcall")
+    fallback = actions("shopcall", "shopcall-fallback")
+    # sales is the fallback group; the ring timeout on the channel (FreeSWITCH ignores it inside {})
+    assert fallback.index(("set", "call_timeout=20")) < fallback.index(("bridge", "user/agent1"))
+    assert actions("shopcall", "shopcall-done") == [("hangup", "NORMAL_CLEARING")]
+    assert ("socket", "127.0.0.1:8084 async full") in actions("shopcall-robot", "shopcall-robot")
+    assert ("set", "shopcall_arg_action=login") in actions("shopcall-agents", "shopcall-agent-login")
 
 
 def test_serve_refuses_parts_that_do_not_exist_yet(config):

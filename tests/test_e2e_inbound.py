@@ -457,7 +457,7 @@ async def test_after_hours_voicemail_is_recorded_transcribed_and_mailed(stack, d
     assert call.answered and call.hung_up_by == "caller", explain(stack)
     deadline = time.monotonic() + 60
     while not inbox.messages and time.monotonic() < deadline:  # the outbox is polled every few seconds
-        await asyncio.sleep(0.5)  # noqa: ASYNC110
+        await asyncio.sleep(0.5)
     [row] = wait_row(db)
     assert row["outcome"] == "after_hours"
     vm = db.execute("SELECT * FROM voicemails").fetchone()
