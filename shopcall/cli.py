@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 import warnings
+from datetime import date, datetime
 from pathlib import Path
 
 from shopcall.config import ConfigError, check_config, load_config
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("agent", help="agents' availability: log in/out, pause, list")
     ag.add_argument("action", choices=("login", "logout", "pause", "unpause", "list"))
     ag.add_argument("endpoint", nargs="?", help="the agent's endpoint (not for list)")
+
+    st = sub.add_parser("stats", help="missed calls, answer rate, wait, callbacks, survey scores for a range")
+    st.add_argument("--from", dest="first", type=date.fromisoformat, help="first day (default: today)")
+    st.add_argument("--to", dest="last", type=date.fromisoformat, help="last day, included (default: --from)")
+    st.add_argument("--csv", action="store_true", help="CSV instead of tables")
 
     pg = sub.add_parser("purge-recordings", help="delete call recordings older than recording.retention_days")
     pg.add_argument("--days", type=int, help="override recording.retention_days")
@@ -104,6 +110,27 @@ async def _run(args: argparse.Namespace, config) -> int:
             print("applied: " + ", ".join(applied) if applied else "database is up to date")
         elif args.db_cmd == "load":
             return await _load(url, args.file)
+        return 0
+
+    if args.cmd == "stats":
+        from zoneinfo import ZoneInfo
+
+        from shopcall import stats
+
+        first = args.first or datetime.now(ZoneInfo(config.shop.timezone)).date()
+        last = args.last or first
+        url = await db.resolve_url(config.database.url, config.pgdata)
+        async with db.open_pool(url, min_size=1, max_size=1) as pool:
+            try:
+                tables = await stats.collect(pool, first, last, config.shop.timezone)
+            except ValueError as exc:
+                print(f"shopcall: {exc}", file=sys.stderr)
+                return 2
+        if args.csv:
+            sys.stdout.write(stats.as_csv(tables))
+        else:
+            print(f"{first} .. {last} ({config.shop.timezone})\n")
+            sys.stdout.write(stats.as_text(tables))
         return 0
 
     if args.cmd == "purge-recordings":

@@ -17,6 +17,7 @@ from shopcall.loader import load, read
 from tests.scripted import PromptNames, ScriptedCall
 
 DIRECTORY = Path(__file__).parent / "data" / "directory.toml"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 WEDNESDAY_NOON = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)  # 12:00 in Moscow
 
 

@@ -1,0 +1,113 @@
+"""Call statistics for a date range: missed calls by hour, group and number, answer rate, average wait,
+callbacks, survey scores by agent. One query per table, in the shop's time zone."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from psycopg.rows import tuple_row
+from psycopg_pool import AsyncConnectionPool
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    columns: tuple[str, ...]
+    rows: list[tuple]
+
+
+# "wait" is from the start of the call to the answer: greeting, menu and ringing, as the caller lived it
+QUERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "summary": ("Summary", ("calls", "answered", "missed", "answer_rate_%", "avg_wait_s", "robot"), """
+        SELECT count(*), count(*) FILTER (WHERE outcome = 'answered'), count(*) FILTER (WHERE missed),
+               round(100.0 * count(*) FILTER (WHERE outcome = 'answered') / NULLIF(count(*), 0), 1),
+               round(avg(extract(epoch FROM answered_at - started_at))::numeric, 1),
+               count(*) FILTER (WHERE outcome = 'robot')
+          FROM calls WHERE started_at >= %(start)s AND started_at < %(end)s AND direction = 'inbound'"""),
+    "missed_by_hour": ("Missed calls by hour", ("hour", "calls", "missed"), """
+        SELECT extract(hour FROM started_at AT TIME ZONE %(tz)s)::int AS hour, count(*),
+               count(*) FILTER (WHERE missed)
+          FROM calls WHERE started_at >= %(start)s AND started_at < %(end)s AND direction = 'inbound'
+         GROUP BY hour ORDER BY hour"""),
+    "by_group": ("By group", ("group", "calls", "answered", "missed", "answer_rate_%", "avg_wait_s"), """
+        SELECT coalesce(g.name, '-'), count(*), count(*) FILTER (WHERE c.outcome = 'answered'),
+               count(*) FILTER (WHERE c.missed),
+               round(100.0 * count(*) FILTER (WHERE c.outcome = 'answered') / NULLIF(count(*), 0), 1),
+               round(avg(extract(epoch FROM c.answered_at - c.started_at))::numeric, 1)
+          FROM calls c LEFT JOIN groups g ON g.id = c.group_id
+         WHERE c.started_at >= %(start)s AND c.started_at < %(end)s AND c.direction = 'inbound'
+         GROUP BY 1 ORDER BY 1"""),
+    "by_number": ("By dialled number", ("number", "calls", "answered", "missed", "answer_rate_%"), """
+        SELECT dialled_number, count(*), count(*) FILTER (WHERE outcome = 'answered'),
+               count(*) FILTER (WHERE missed),
+               round(100.0 * count(*) FILTER (WHERE outcome = 'answered') / NULLIF(count(*), 0), 1)
+          FROM calls WHERE started_at >= %(start)s AND started_at < %(end)s AND direction = 'inbound'
+         GROUP BY 1 ORDER BY 1"""),
+    "callbacks": ("Callback requests", ("status", "requests"), """
+        SELECT status, count(*) FROM callback_requests
+         WHERE created_at >= %(start)s AND created_at < %(end)s GROUP BY 1 ORDER BY 1"""),
+    "survey_by_agent": ("Survey by agent (1 solved, 2 called several times, 3 not solved)",
+                        ("agent", "answers", "solved", "several_calls", "not_solved", "solved_%"), """
+        SELECT coalesce(e.endpoint, '-'), count(*), count(*) FILTER (WHERE s.answer = 1),
+               count(*) FILTER (WHERE s.answer = 2), count(*) FILTER (WHERE s.answer = 3),
+               round(100.0 * count(*) FILTER (WHERE s.answer = 1) / NULLIF(count(*), 0), 1)
+          FROM survey_answers s LEFT JOIN employees e ON e.id = s.employee_id
+         WHERE s.created_at >= %(start)s AND s.created_at < %(end)s GROUP BY 1 ORDER BY 1"""),
+}
+
+
+def day_range(first: date, last: date, timezone: str) -> tuple[datetime, datetime]:
+    """Whole days in the shop's zone, `last` included."""
+    if last < first:
+        raise ValueError(f"the range ends ({last}) before it starts ({first})")
+    zone = ZoneInfo(timezone)
+    return datetime.combine(first, time(), zone), datetime.combine(last + timedelta(days=1), time(), zone)
+
+
+async def collect(pool: AsyncConnectionPool, first: date, last: date, timezone: str) -> list[Table]:
+    start, end = day_range(first, last, timezone)
+    params = {"start": start, "end": end, "tz": timezone}
+    tables = []
+    async with pool.connection() as conn:
+        for title, columns, sql in QUERIES.values():
+            # tuples: the pool's dict rows would fold the several unnamed count(*) columns into one
+            async with conn.cursor(row_factory=tuple_row) as cur:
+                await cur.execute(sql, params)
+                tables.append(Table(title, columns, list(await cur.fetchall())))
+    return tables
+
+
+def _cell(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def as_text(tables: list[Table]) -> str:
+    out = []
+    for t in tables:
+        cells = [list(t.columns)] + [[_cell(v) for v in row] for row in t.rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(t.columns))]
+        out.append(t.title)
+        for n, r in enumerate(cells):
+            out.append("  " + "  ".join(c.rjust(w) if n else c.ljust(w) for c, w in zip(r, widths, strict=True)))
+            if n == 0:
+                out.append("  " + "  ".join("-" * w for w in widths))
+        if not t.rows:
+            out.append("  (none)")
+        out.append("")
+    return "\n".join(out)
+
+
+def as_csv(tables: list[Table]) -> str:
+    """One CSV: a `table` column says which table a row belongs to, so a spreadsheet can filter on it."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    for t in tables:
+        key = next(k for k, v in QUERIES.items() if v[0] == t.title)
+        writer.writerow(["table", *t.columns])
+        for row in t.rows:
+            writer.writerow([key, *(_cell(v) for v in row)])
+    return buf.getvalue()

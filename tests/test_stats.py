@@ -1,0 +1,72 @@
+"""Statistics over calls made by the real flow (scripted calls), through the CLI as an admin runs it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+from datetime import date
+
+import pytest
+
+from shopcall import stats
+from shopcall.call import DialResult, DialStatus
+from tests.scripted import ScriptedCall
+from tests.test_inbound_flow import REPO_ROOT, info, run
+from tests.test_inbound_flow import app as flow_app  # noqa: F401 (fixture)
+
+TODAY = date(2026, 11, 25)  # the flow tests' fixed clock is Wednesday noon in Moscow
+
+
+@pytest.fixture
+def app(flow_app):  # noqa: F811
+    return flow_app
+
+
+async def make_calls(app) -> None:
+    await run(ScriptedCall(info("100", uid="s.1"), keys=["2"],
+                           dial=[DialResult(DialStatus.ANSWERED, "agent2", 30, "ANSWER")]), app)
+    await run(ScriptedCall(info("100", uid="s.2", caller="84957778899"), keys=["1"],
+                           dial=[DialResult(DialStatus.NOANSWER)]), app)
+    await run(ScriptedCall(info("200", uid="s.3", caller="84957778800")), app)
+
+
+async def test_tables_count_what_the_flow_logged(app, conn, pool):
+    await make_calls(app)
+    await conn.execute("UPDATE calls SET started_at = '2026-11-25 12:00+03', answered_at = "
+                       "CASE WHEN outcome = 'answered' THEN '2026-11-25 12:00:20+03'::timestamptz END")
+    await conn.execute("INSERT INTO survey_answers (call_id, employee_id, answer) SELECT c.id, c.answered_by, 1 "
+                       "FROM calls c WHERE c.uniqueid = 's.1'")
+    tables = {t.title: t for t in await stats.collect(pool, TODAY, TODAY, "Europe/Moscow")}
+    assert tables["Summary"].rows == [(3, 1, 2, stats_decimal("33.3"), stats_decimal("20.0"), 0)]
+    assert tables["Missed calls by hour"].rows == [(12, 3, 2)]
+    groups = {r[0]: r[1:4] for r in tables["By group"].rows}
+    assert groups["delivery"] == (1, 1, 0) and groups["sales"] == (1, 0, 1)
+    assert {r[0]: r[1] for r in tables["Callback requests"].rows} == {"pending": 1}
+    assert tables["Survey by agent (1 solved, 2 called several times, 3 not solved)"].rows[0][:3] == ("agent2", 1, 1)
+    assert await stats.collect(pool, date(2026, 11, 26), date(2026, 11, 26), "Europe/Moscow") != tables
+    text = stats.as_text(list(tables.values()))
+    assert "Missed calls by hour" in text and "delivery" in text
+
+
+def stats_decimal(text: str):
+    from decimal import Decimal
+
+    return Decimal(text)
+
+
+async def test_cli_csv(app, conn, pool, pg_url, tmp_path):
+    await make_calls(app)
+    await conn.execute("UPDATE calls SET started_at = now()")  # the CLI's default range is today
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[paths]\ndata_dir = "{tmp_path}"\n[database]\nurl = "{pg_url}"\n')
+    out = subprocess.run([sys.executable, "-m", "shopcall", "-c", str(cfg), "stats", "--csv"],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.reader(io.StringIO(out.stdout)))
+    assert rows[0] == ["table", "calls", "answered", "missed", "answer_rate_%", "avg_wait_s", "robot"]
+    assert rows[1][:4] == ["summary", "3", "1", "2"]
+    bad = subprocess.run([sys.executable, "-m", "shopcall", "-c", str(cfg), "stats", "--from", "2026-11-25",
+                          "--to", "2026-11-01"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert bad.returncode == 2 and "before it starts" in bad.stderr
