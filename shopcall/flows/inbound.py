@@ -17,6 +17,7 @@ from shopcall import hours, recording, routing
 from shopcall.app import App
 from shopcall.call import Call, CallEnded, DialStatus, presentable
 from shopcall.calllog import CallRecord, now
+from shopcall.dialplan import fallback_group
 from shopcall.flows import flow
 from shopcall.flows.robot import overflow_robot
 from shopcall.phone import to_e164
@@ -160,7 +161,7 @@ async def _voicemail(call: Call, app: App, rec: CallRecord, route) -> None:
     group = rec.group_name or route.group_name or route.category_group
     if group is None and route.menu is not None:
         group = route.menu.options.get(route.menu.default_choice)
-    group = group or app.config.asterisk.fallback_group
+    group = group or fallback_group(app.config, call.info.pbx)
     path = recording.path_for(app.config.recordings_dir / "voicemail", rec.uniqueid, rec.started_at)
     await call.play("voicemail_prompt")
     try:

@@ -1,0 +1,270 @@
+"""The Call vocabulary over FreeSWITCH's Event Socket (outbound socket, `async full`).
+
+Facts from the captured transcripts that shape this file:
+- play_and_get_digits answers `_none_`; the digits are in `variable_<var>` with `read_result=success`.
+- `call_timeout` inside a bridge's `{}` is ignored (the bridge waited the default 60 s): it is set on
+  our channel with `set` before the bridge.
+- A failed bridge hangs up the calling channel unless the cause is NO_ANSWER (or `continue_on_fail` is
+  set): a per-leg `leg_timeout` gives ALLOTTED_TIMEOUT and killed the socket's own channel. We set
+  `continue_on_fail=true` once per call, so no dial outcome costs us the caller.
+- The bridge outcome is spelled differently in two variables (`originate_disposition=NO_ANSWER`,
+  `DIALSTATUS=NOANSWER`); who answered is `last_bridge_to`, the uuid of the answering leg, which we
+  choose ourselves per leg (`[origination_uuid=...]`) to know the endpoint.
+- `record` reports `record_ms` of audio actually written, not wall time (1 s of tone in a 6 s record).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agi.call import sound_seconds
+from esl import protocol
+from esl.protocol import Event
+from esl.session import OutboundSession
+from shopcall.call import (
+    Call,
+    CallEnded,
+    CallInfo,
+    DialResult,
+    DialStatus,
+    DialStrategy,
+    RecordResult,
+    SoundSource,
+    check_endpoint,
+)
+
+log = logging.getLogger("shopcall.esl")
+
+_CAUSES = {
+    "normal": "NORMAL_CLEARING",
+    "busy": "USER_BUSY",
+    "noanswer": "NO_ANSWER",
+    "rejected": "CALL_REJECTED",
+    "congestion": "NORMAL_CIRCUIT_CONGESTION",
+}
+# originate_disposition (or DIALSTATUS, spelled differently) -> our status
+_DISPOSITION = {
+    "SUCCESS": DialStatus.ANSWERED,
+    "NO_ANSWER": DialStatus.NOANSWER,
+    "NOANSWER": DialStatus.NOANSWER,
+    "ALLOTTED_TIMEOUT": DialStatus.NOANSWER,
+    "NO_USER_RESPONSE": DialStatus.NOANSWER,
+    "RECOVERY_ON_TIMER_EXPIRE": DialStatus.NOANSWER,
+    "USER_BUSY": DialStatus.BUSY,
+    "BUSY": DialStatus.BUSY,
+    "ORIGINATOR_CANCEL": DialStatus.CALLER_GONE,
+    "CANCEL": DialStatus.CALLER_GONE,
+}
+ALL_KEYS = "0123456789*#"
+SILENCE = "silence_stream://250"
+BEEP = "tone_stream://%(250,0,1000)"
+RINGBACK = "%(1000,4000,425)"  # what the caller hears while agents ring (our channel is answered)
+DIGITS_VAR = "shopcall_digits"
+RECORD_THRESHOLD = 200  # energy below which a frame counts as silence
+ON_DEMAND_KEY = "2"  # with FreeSWITCH's meta key: the agent dials *2 to start recording
+
+
+class EslCall(Call):
+    def __init__(
+        self,
+        session: OutboundSession,
+        info: CallInfo,
+        sounds: SoundSource,
+        *,
+        endpoint_template: str = "user/{endpoint}",
+        pbx_path: Callable[[Path], str] = str,
+        max_call_seconds: int = 14400,
+    ) -> None:
+        super().__init__(info, sounds)
+        self.session = session
+        self.endpoint_template = endpoint_template
+        self.pbx_path = pbx_path  # our path of a file -> the path FreeSWITCH sees
+        self.max_call_seconds = max_call_seconds
+        self._set: dict[str, str] = {}  # channel variables we set, to skip repeating a `set`
+        self._recording = ""  # the record_session file, for stop_record_session
+
+    @property
+    def _slack(self) -> float:
+        return self.session.command_timeout
+
+    async def _run(self, app: str, arg: str = "", *, timeout: float) -> Event:
+        """Execute an application; a caller who hung up meanwhile ends the flow."""
+        ev = await self.session.execute(app, arg, timeout=timeout)
+        if self.session.hung_up:
+            raise CallEnded(f"caller hung up during {app}")
+        return ev
+
+    async def _ensure(self, name: str, value: str) -> None:
+        if self._set.get(name) != value:
+            await self._run("set", f"{name}={value}", timeout=self._slack)
+            self._set[name] = value
+
+    def _file(self, sound: Path) -> str:
+        return protocol.check_file(self.pbx_path(sound) + ".wav")
+
+    # -- primitives -----------------------------------------------------------------------------
+
+    async def answer(self) -> None:
+        await self._run("answer", timeout=self._slack)
+
+    async def stream(self, sound: Path, *, escape: str = "") -> str | None:
+        # playback stops on a key listed in playback_terminators (FreeSWITCH's default is "*")
+        await self._ensure("playback_terminators", _key_set(escape) or "none")
+        started = len(self.session.dtmf)
+        ev = await self._run("playback", self._file(sound), timeout=sound_seconds(sound) + self._slack)
+        response = ev.get("Application-Response")
+        if response not in ("FILE PLAYED", ""):
+            log.warning("%s: playback of %s: %s", self.info.uniqueid, sound, response)
+        if not escape:
+            return None
+        key = ev.var("playback_terminator_used") or ""
+        if not key:  # fall back to the DTMF events seen while it played
+            key = next((d for d in self.session.dtmf[started:] if d in escape), "")
+        return key[:1] or None
+
+    async def collect(self, sound: Path | None, *, max_digits: int, timeout: float) -> str | None:
+        prompt = self._file(sound) if sound is not None else SILENCE
+        ms = max(1000, int(timeout * 1000))  # FreeSWITCH raises anything shorter to 1 s
+        length = sound_seconds(sound) if sound is not None else 0.25
+        # min max tries timeout terminators prompt invalid-prompt var regex digit-timeout
+        arg = f"1 {int(max_digits)} 1 {ms} # {prompt} {SILENCE} {DIGITS_VAR} ^[0-9*]+$ {ms}"
+        ev = await self._run("play_and_get_digits", arg, timeout=length + timeout * max_digits + self._slack + 1)
+        if ev.var("read_result") != "success":
+            return None
+        return ev.var(DIGITS_VAR) or None
+
+    async def dial(
+        self,
+        endpoints: Sequence[str],
+        *,
+        strategy: DialStrategy = DialStrategy.RINGALL,
+        timeout: int = 20,
+        caller_name: str | None = None,
+    ) -> DialResult:
+        names = [check_endpoint(e) for e in endpoints]
+        if not names:
+            return DialResult(DialStatus.FAILED, detail="no endpoints")
+        await self._ensure("continue_on_fail", "true")  # a failed bridge must not hang up the caller
+        await self._ensure("hangup_after_bridge", "false")  # agent hangs up -> back to the flow
+        await self._ensure("ringback", RINGBACK)
+        if caller_name is not None:
+            await self._ensure("effective_caller_id_name", protocol.app_text(caller_name))
+        legs = {str(uuid.uuid4()): n for n in names}
+        if strategy == DialStrategy.RINGALL:
+            await self._ensure("call_timeout", str(int(timeout)))
+            target = ",".join(self._leg(u, n) for u, n in legs.items())
+        else:  # hunt: one after another, each for the timeout
+            await self._ensure("call_timeout", str(int(timeout) * len(names)))
+            target = "|".join(self._leg(u, n, leg_timeout=int(timeout)) for u, n in legs.items())
+        started = time.monotonic()
+        ev = await self.session.execute(
+            "bridge", "{ignore_early_media=true}" + target,
+            timeout=timeout * len(names) + self.max_call_seconds + self._slack,
+        )
+        result = self._dial_result(ev, legs)
+        log.info("%s: bridge %s -> %s %s (%.1f s)", self.info.uniqueid, target, result.detail,
+                 result.answered_endpoint or "-", time.monotonic() - started)
+        return result
+
+    def _leg(self, leg_uuid: str, name: str, *, leg_timeout: int = 0) -> str:
+        extra = f",leg_timeout={leg_timeout}" if leg_timeout else ""
+        return f"[origination_uuid={leg_uuid}{extra}]" + self.endpoint_template.format(endpoint=name)
+
+    def _dial_result(self, ev: Event, legs: dict[str, str]) -> DialResult:
+        disposition = ev.var("originate_disposition") or ev.var("DIALSTATUS") or ""
+        status = _DISPOSITION.get(disposition, DialStatus.FAILED)
+        if status != DialStatus.ANSWERED:
+            # the caller left while it rang (a channel killed by the failed bridge itself has the
+            # bridge's cause as its hangup cause, e.g. ALLOTTED_TIMEOUT without continue_on_fail)
+            if self.session.hung_up and self.session.hangup_cause != disposition:
+                status = DialStatus.CALLER_GONE
+            return DialResult(status, None, 0.0, disposition or self.session.hangup_cause)
+        answered = None
+        for key in (ev.var("last_bridge_to"), ev.var("bridge_uuid"), ev.get("Other-Leg-Unique-ID")):
+            if key in legs:
+                answered = legs[key]
+                break
+        else:
+            other = ev.get("Other-Leg-Destination-Number")
+            answered = other if other in legs.values() else (next(iter(legs.values())) if len(legs) == 1 else None)
+        return DialResult(DialStatus.ANSWERED, answered, _talk_seconds(ev), disposition)
+
+    async def record(
+        self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5, beep: bool = True
+    ) -> RecordResult:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        target = path if path.suffix == ".wav" else path.with_name(path.name + ".wav")
+        if beep:
+            await self._ensure("playback_terminators", "none")
+            await self._run("playback", BEEP, timeout=self._slack + 1)
+        await self._ensure("playback_terminators", "#")  # as on Asterisk: # ends a recording
+        arg = protocol.check_file(self.pbx_path(target)) + f" {int(max_seconds)}"
+        if silence_seconds:
+            arg += f" {RECORD_THRESHOLD} {int(silence_seconds)}"
+        started = time.monotonic()
+        ev = await self.session.execute("record", arg, timeout=max_seconds + self._slack + 5)
+        wall = time.monotonic() - started
+        if self.session.hung_up:
+            ended_by = "hangup"
+        elif ev.var("playback_terminator_used"):
+            ended_by = "dtmf"
+        elif ev.var("silence_hits_exhausted") == "true":
+            ended_by = "silence"
+        else:
+            ended_by = "maxtime"
+        # record_ms counts the audio written, not the time spent (silence is not written)
+        ms = ev.var("record_ms") or ""
+        seconds = int(ms) / 1000 if ms.isdigit() else wall
+        return RecordResult(target, seconds, ended_by)
+
+    async def start_recording(self, path: Path, *, on_demand: bool = False) -> None:
+        target = protocol.check_file(self.pbx_path(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if on_demand:
+            # the agent presses *2 (FreeSWITCH's record-on-demand binding: listen on the B leg, act on it)
+            await self._run("bind_meta_app", f"{ON_DEMAND_KEY} b s record_session::{target}", timeout=self._slack)
+            return
+        await self._ensure("RECORD_BRIDGE_REQ", "true")  # only while bridged, like MixMonitor's b option
+        await self._run("record_session", target, timeout=self._slack)
+        self._recording = target
+
+    async def stop_recording(self) -> None:
+        if self._recording:
+            await self._run("stop_record_session", self._recording, timeout=self._slack)
+            self._recording = ""
+
+    async def set_var(self, name: str, value: str) -> None:
+        text = protocol.app_text(value)
+        if text != value:
+            log.warning("%s: value of %s changed to be safe in FreeSWITCH: %r", self.info.uniqueid, name, text)
+        await self._run("set", f"{protocol.check_var(name)}={text}", timeout=self._slack)
+        self._set[name] = text
+
+    async def get_var(self, name: str) -> str | None:
+        protocol.check_var(name)
+        if not (self.session.hung_up or self.session.conn.closed):
+            value = await self.session.api(f"uuid_getvar {self.session.uuid} {name}")
+            if not value.startswith("-ERR"):
+                return None if value in ("_undef_", "") else value
+        return self.session.variables.get(name)  # after the hangup: as of the last event
+
+    async def hangup(self, cause: str = "normal") -> None:
+        await self.session.hangup(_CAUSES.get(cause, "NORMAL_CLEARING"))
+
+
+def _key_set(escape: str) -> str:
+    return "".join(k for k in ALL_KEYS if k in escape)
+
+
+def _talk_seconds(ev: Event) -> float:
+    """From FreeSWITCH's own clock: the event's time minus when the bridge began (both microseconds)."""
+    try:
+        bridged = int(ev.get("Caller-Channel-Bridged-Time", "0"))
+        now = int(ev.get("Event-Date-Timestamp", "0"))
+    except ValueError:
+        return 0.0
+    return max(0.0, (now - bridged) / 1e6) if bridged and now else 0.0

@@ -1,0 +1,63 @@
+"""Every registered flow as an outbound-socket route: the dialplan names the flow in `shopcall_flow`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from agi.routes import path_mapper
+from esl.call import EslCall
+from esl.protocol import Event
+from esl.server import Handler
+from esl.session import OutboundSession
+from shopcall.app import App
+from shopcall.call import CallInfo
+from shopcall.flows import Flow
+
+ARG = "shopcall_arg_"
+_NO_VALUE = {"", "_undef_", "0000000000"}  # 0000000000: FreeSWITCH's number when there is none
+
+
+def call_info(channel: Event, flow: str) -> CallInfo:
+    number = channel.get("Caller-Caller-ID-Number")
+    name = channel.get("Caller-Caller-ID-Name")
+    dialled = channel.var("shopcall_number") or channel.get("Caller-Destination-Number")
+    return CallInfo(
+        uniqueid=channel.get("Unique-ID"),
+        pbx="freeswitch",
+        caller_number="" if number in _NO_VALUE else number,
+        caller_name="" if name in _NO_VALUE else name,
+        dialled_number=dialled,
+        channel=channel.get("Channel-Name"),
+        # a registered phone of ours (an agent's, dialling a feature code) is authenticated as a user
+        caller_endpoint=channel.var("user_name") or "",
+        language=channel.var("shopcall_language") or channel.var("default_language") or "ru",
+        script=flow,
+        # the dialplan passes arguments as shopcall_arg_NAME (e.g. the agent feature code's action)
+        args={"number": dialled} | {k[len(ARG):]: v for k, v in channel.variables.items() if k.startswith(ARG)},
+        extra=dict(channel.headers),
+    )
+
+
+def esl_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
+    config = app.config
+    # recordings: FreeSWITCH is expected to see our recordings dir under the same path
+    to_pbx = path_mapper(
+        (config.sounds_dir, config.freeswitch.sounds_path or config.sounds_dir),
+        (config.recordings_dir, config.recordings_dir),
+    )
+
+    def route(name: str, flow: Flow) -> Handler:
+        async def handle(session: OutboundSession, channel: Event) -> None:
+            call = EslCall(
+                session,
+                call_info(channel, name),
+                app.prompts,
+                endpoint_template=config.freeswitch.endpoint_template,
+                pbx_path=to_pbx,
+                max_call_seconds=config.agi.max_call_seconds,
+            )
+            await flow(call, app)
+
+        return handle
+
+    return {name: route(name, fn) for name, fn in flows.items()}

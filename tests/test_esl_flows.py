@@ -1,0 +1,543 @@
+"""The inbound flow, one suite over the Call implementations: the scripted call of the Asterisk-side flow
+tests, AgiCall through our FastAGI server (a minimal Asterisk stand-in below), and EslCall through our
+outbound-socket server, driven by a peer that speaks FreeSWITCH's wire format as captured
+(tests/esl_peer.py). Same scenarios, same database checks (a throw-away PostgreSQL).
+
+SHOPCALL_FREESWITCH_ESL=host:port:password adds a run against a real FreeSWITCH (see the last test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+from esl.client import EslClient
+from esl.routes import esl_routes
+from esl.server import EslServer
+from shopcall.app import App
+from shopcall.call import Call, CallEnded, CallInfo, DialResult, DialStatus
+from shopcall.flows.inbound import inbound
+from tests import test_inbound_flow
+from tests.esl_peer import Caller, FsPeer
+from tests.scripted import PromptNames, ScriptedCall
+from tests.test_inbound_flow import call_row, callbacks
+
+app = test_inbound_flow.app  # the same `app` fixture: the App built as the Asterisk-side flow tests build it
+
+PBXES = ("scripted", "asterisk", "freeswitch")
+
+
+@dataclass
+class Scenario:
+    """One call as the caller and the agents play it, whatever the PBX."""
+
+    number: str = "100"
+    caller: str = "89161234567"
+    name: str = "Customer"
+    keys: list[str | None] = field(default_factory=list)  # per menu prompt: the key, or silence
+    greeting_key: str | None = None
+    answers: list[tuple[str | None, float]] = field(default_factory=list)  # per dial: who answers, talk s
+    hang_up_on: str | None = None  # "collect" (in the menu), "stream" (during a prompt), "dial" (ringing)
+
+
+@dataclass
+class Outcome:
+    uid: str
+    played: list[str]  # prompt names, in order
+    languages: set[str]
+    collects: int
+    dials: list[tuple[list[str], str, int]]  # endpoints, strategy, ring timeout
+    vars: dict[str, str]  # variables the flow set for the dialplan
+    agent_name: str | None  # the caller name the agents' phones are given, when the flow changed it
+    peer: FsPeer | None = None
+
+
+async def run_scripted(app: App, s: Scenario) -> Outcome:
+    info = CallInfo(uniqueid="1.1", pbx="asterisk", caller_number=s.caller, caller_name=s.name,
+                    dialled_number=s.number)
+    results = [DialResult(DialStatus.ANSWERED, who, talk, "ANSWER") if who else DialResult(DialStatus.NOANSWER)
+               for who, talk in s.answers]
+    if s.hang_up_on == "dial":
+        results = [DialResult(DialStatus.CALLER_GONE, detail="CANCEL")]
+    call = ScriptedCall(info, keys=s.keys, greeting_key=s.greeting_key, dial=results,
+                        hang_up_on=s.hang_up_on if s.hang_up_on != "dial" else None)
+    await _run(call, app)
+    dials = [(a[1], a[2], a[3]) for a in call.actions if a[0] == "dial"]
+    languages = {call.language}  # the scripted call names prompts without their language folder
+    return Outcome("1.1", [Path(p).name for p in call.played], languages,
+                   sum(a[0] == "collect" for a in call.actions), dials,
+                   {k: v for k, v in call.vars.items() if k.startswith("SHOPCALL_")},
+                   call.vars.get("CALLERID(name)"))
+
+
+PEER_APPS = {"collect": "play_and_get_digits", "stream": "playback", "dial": "bridge"}
+
+
+async def run_freeswitch(app: App, s: Scenario) -> Outcome:
+    server = EslServer(esl_routes(app, {"inbound": inbound}), port=0, command_timeout=3)
+    await server.start()
+    caller = Caller(keys=list(s.keys), greeting_key=s.greeting_key, answers=[who for who, _ in s.answers],
+                    talk_seconds=s.answers[0][1] if s.answers else 0.0,
+                    hang_up_on=PEER_APPS.get(s.hang_up_on or ""))
+    peer = FsPeer(server.port, caller, number=s.caller, name=s.name, destination=s.number)
+    try:
+        await asyncio.wait_for(peer.run(), 15)
+        await asyncio.wait_for(asyncio.gather(*server.active), 5)
+    finally:
+        await server.stop()
+    prompts = [arg if app_ == "playback" else arg.split(" ")[5] for app_, arg in peer.apps
+               if app_ in ("playback", "play_and_get_digits")]
+    prompts = [p for p in prompts if p.endswith(".wav")]
+    dials = []
+    for b in peer.bridges:
+        endpoints = [target.rsplit("/", 1)[-1] for _, target in b.legs]
+        if b.separator == ",":
+            dials.append((endpoints, "ringall", int(b.call_timeout or 0)))
+        else:
+            dials.append((endpoints, "hunt", int(b.data.split("leg_timeout=")[1].split("]")[0])))
+    return Outcome(peer.uuid, [Path(p).stem for p in prompts], {Path(p).parent.name for p in prompts},
+                   sum(a == "play_and_get_digits" for a, _ in peer.apps), dials,
+                   {k: v for k, v in peer.vars.items() if k.startswith("SHOPCALL_")},
+                   peer.vars.get("effective_caller_id_name"), peer)
+
+
+_ARG = re.compile(r'"((?:\\.|[^"\\])*)"|(\S+)')
+
+
+def _agi_args(line: str) -> list[str]:
+    return [re.sub(r"\\(.)", r"\1", q) if q or not bare else bare for q, bare in _ARG.findall(line)]
+
+
+class AgiPeer:
+    """Asterisk's side of one FastAGI session, just enough for the inbound flow: the agi_* block (a PJSIP
+    display name escaped as PJSIP leaves it), 200 replies, HANGUP then dead-channel 511s."""
+
+    def __init__(self, port: int, s: Scenario, uid: str) -> None:
+        self.port, self.s, self.uid = port, s, uid
+        self.keys, self.answers = list(s.keys), list(s.answers)
+        self.greeting_key = s.greeting_key
+        self.vars: dict[str, str] = {}
+        self.streams: list[str] = []
+        self.dials: list[str] = []
+        self.collects = 0
+        self.dead = False
+
+    def env(self) -> bytes:
+        name = self.s.name.replace("\\", "\\\\").replace('"', '\\"')  # PJSIP's quoted-pair escapes
+        return (f"agi_network: yes\nagi_network_script: inbound?number={self.s.number}\n"
+                f"agi_channel: PJSIP/trunk-00000001\nagi_language: ru\nagi_uniqueid: {self.uid}\n"
+                f"agi_callerid: {self.s.caller}\nagi_calleridname: {name}\nagi_extension: s\n\n").encode()
+
+    async def run(self) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(self.env())
+        try:
+            while line := (await reader.readline()).decode().strip():
+                writer.write(self.reply(line).encode())
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def reply(self, line: str) -> str:
+        if self.dead and not line.startswith("GET VARIABLE"):
+            return "511 result=-1 Command Not Permitted on a dead channel\n"
+        verb, args = line.split(" ", 2)[:2], _agi_args(line)
+        hang_up = self.s.hang_up_on
+        if line.startswith("STREAM FILE"):
+            self.streams.append(args[2])
+            if hang_up == "stream":
+                self.dead = True
+                return "HANGUP\n200 result=-1 endpos=0\n"
+            if args[3] and self.greeting_key and self.greeting_key in args[3]:
+                key, self.greeting_key = self.greeting_key, None
+                return f"200 result={ord(key)} endpos=1000\n"
+            return "200 result=0 endpos=16000\n"
+        if line.startswith("GET DATA"):
+            self.streams.append(args[2])
+            self.collects += 1
+            if hang_up == "collect":
+                self.dead = True
+                return "HANGUP\n200 result=-1\n"
+            key = self.keys.pop(0) if self.keys else None
+            return f"200 result={key}\n" if key else "200 result= (timeout)\n"
+        if line.startswith("SET VARIABLE"):
+            self.vars[args[2]] = args[3]
+            return "200 result=1\n"
+        if line.startswith("GET VARIABLE"):
+            value = self.vars.get(args[2])
+            return f"200 result=1 ({value})\n" if value is not None else "200 result=0\n"
+        if verb == ["EXEC", "Dial"]:
+            self.dials.append(args[2])
+            who, talk = self.answers.pop(0) if self.answers else (None, 0.0)
+            if hang_up == "dial":
+                self.dead = True
+                self.vars.update(DIALSTATUS="CANCEL")
+                return "HANGUP\n200 result=-1\n"
+            self.vars.update(DIALSTATUS="ANSWER" if who else "NOANSWER", ANSWEREDTIME=str(int(talk)),
+                             DIALEDPEERNAME=f"PJSIP/{who}-00000002" if who else "")
+            return "200 result=0\n"
+        if verb == ["EXEC", "Hangup"]:
+            self.dead = True
+        return "200 result=0\n"
+
+
+async def run_asterisk(app: App, s: Scenario) -> Outcome:
+    from agi.routes import agi_routes
+    from agi.server import FastAgiServer
+
+    server = FastAgiServer(agi_routes(app, {"inbound": inbound}), port=0, command_timeout=3)
+    await server.start()
+    peer = AgiPeer(server.port, s, f"1732540000.{uuid.uuid4().int % 100000}")
+    try:
+        await asyncio.wait_for(peer.run(), 15)
+        await asyncio.wait_for(asyncio.gather(*server.active), 5)
+    finally:
+        await server.stop()
+    dials = []
+    for data in peer.dials:
+        target, timeout, _ = data.split(",")
+        endpoints = [t.split("/", 1)[1] for t in target.split("&")]
+        dials.append((endpoints, "ringall", int(timeout)))
+    prompts = [p for p in peer.streams if p.startswith("/sounds/")]
+    return Outcome(peer.uid, [Path(p).name for p in prompts], {Path(p).parent.name for p in prompts},
+                   peer.collects, dials, {k: v for k, v in peer.vars.items() if k.startswith("SHOPCALL_")},
+                   peer.vars.get("CALLERID(name)"))
+
+
+async def _run(call: Call, app: App) -> None:
+    try:
+        await inbound(call, app)
+    except CallEnded:
+        pass
+
+
+@pytest.fixture(params=PBXES)
+def pbx(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def place(app, pbx, caplog):
+    async def place(s: Scenario) -> Outcome:
+        caplog.set_level(logging.INFO, logger="shopcall")
+        out = await {"scripted": run_scripted, "asterisk": run_asterisk, "freeswitch": run_freeswitch}[pbx](app, s)
+        trouble = [r.getMessage() for r in caplog.records
+                   if r.name.startswith(("shopcall.esl", "shopcall.agi")) and r.levelno >= logging.WARNING]
+        assert not trouble, trouble  # the wire went as FreeSWITCH would have it
+        return out
+
+    return place
+
+
+# -- the inbound flow's scenarios -------------------------------------------------------------------------
+
+
+async def test_key_2_rings_all_of_delivery_and_logs_who_answered(place, conn):
+    out = await place(Scenario(keys=["2"], answers=[("agent3", 42.0)]))
+    assert out.dials == [(["agent2", "agent3"], "ringall", 6)]
+    assert out.played[:3] == ["greeting", "recording_notice", "main_menu"]
+    row = await call_row(conn, out.uid)
+    assert (row["outcome"], row["missed"], row["agent"], row["group_name"]) == ("answered", False, "agent3", "delivery")
+    assert row["menu_choice"] == "2" and row["caller_e164"] == "+79161234567"
+    assert (row["ended_at"] - row["answered_at"]).total_seconds() >= 41
+    assert out.vars["SHOPCALL_DONE"] == "1"
+    assert await callbacks(conn) == []
+
+
+async def test_no_input_goes_to_sales_after_the_retries(place, conn):
+    out = await place(Scenario(keys=[None, None], answers=[("agent1", 5)]))
+    assert out.collects == 2  # menu once + one retry
+    assert (["agent1"], "ringall", 6) in out.dials
+    row = await call_row(conn, out.uid)
+    assert row["menu_choice"] == "1" and row["agent"] == "agent1"
+    assert next(s for s in row["route_log"] if s["step"] == "menu")["how"] == "default_no_input"
+
+
+async def test_invalid_key_is_told_then_default(place, conn):
+    out = await place(Scenario(keys=["7", "9"], answers=[(None, 0)]))
+    assert "invalid_choice" in out.played
+    row = await call_row(conn, out.uid)
+    assert row["group_name"] == "sales"
+    assert next(s for s in row["route_log"] if s["step"] == "menu")["how"] == "default_invalid"
+
+
+async def test_key_pressed_during_greeting_is_the_menu_choice(place, conn):
+    out = await place(Scenario(greeting_key="3", answers=[("agent4", 1)]))
+    assert "main_menu" not in out.played
+    assert (await call_row(conn, out.uid))["agent"] == "agent4"
+
+
+async def test_nobody_answers_missed_row_and_callback_request(place, conn):
+    out = await place(Scenario(keys=["1"], answers=[(None, 0)]))
+    assert out.played[-1] == "nobody_answered"
+    row = await call_row(conn, out.uid)
+    assert (row["outcome"], row["missed"], row["answered_by"]) == ("missed_no_answer", True, None)
+    [cb] = await callbacks(conn)
+    assert (cb["phone"], cb["status"], cb["reason"], cb["call_id"]) == ("+79161234567", "pending", "no_answer", row["id"])
+
+
+async def test_after_hours_message_and_missed_row(place, conn):
+    out = await place(Scenario(number="200"))
+    assert "after_hours" in out.played and not out.dials
+    row = await call_row(conn, out.uid)
+    assert (row["outcome"], row["missed"]) == ("after_hours", True)
+
+
+async def test_closed_date_is_a_holiday(place, conn):
+    await conn.execute("UPDATE schedules SET closed_dates = %s WHERE name = 'always'", ([date(2026, 11, 25)],))
+    out = await place(Scenario())
+    assert "holiday_closed" in out.played
+    assert (await call_row(conn, out.uid))["outcome"] == "holiday"
+
+
+async def test_russian_public_holiday_closes_the_default_schedule(place, app, conn):
+    app.clock = lambda: datetime(2027, 1, 1, 9, 0, tzinfo=UTC)  # New Year, a Friday
+    out = await place(Scenario(number="555"))  # no row for 555: Mon-Fri 9-18 with RU holidays
+    row = await call_row(conn, out.uid)
+    assert row["outcome"] == "holiday"
+    assert next(s for s in row["route_log"] if s["step"] == "hours")["reason"] == "holiday"
+
+
+async def test_caller_hangs_up_in_the_menu(place, conn):
+    out = await place(Scenario(hang_up_on="collect"))
+    row = await call_row(conn, out.uid)
+    assert (row["outcome"], row["missed"]) == ("abandoned", True)
+    assert [cb["reason"] for cb in await callbacks(conn)] == ["abandoned"]
+
+
+async def test_caller_gone_while_ringing(place, conn):
+    out = await place(Scenario(keys=["1"], hang_up_on="dial"))
+    row = await call_row(conn, out.uid)
+    assert (row["outcome"], row["missed"]) == ("abandoned", True)
+
+
+async def test_broken_directory_hands_the_call_back_to_the_dialplan(place, pbx, conn):
+    await conn.execute("DELETE FROM groups WHERE name = 'sales'")  # the menu now names a missing group
+    out = await place(Scenario(keys=["1"]))
+    assert out.vars["SHOPCALL_DONE"] == "0"
+    row = await call_row(conn, out.uid)
+    assert row["outcome"] == "fallback" and "LookupError" in row["route_log"][-1]["error"]
+    if out.peer:  # the channel is left up: closing the socket resumes the dialplan's fallback
+        assert not out.peer.hung_up and "resume" in out.peer.commands
+
+
+AGENTS_SEE = {
+    "scripted": 'Иван "Ваня" Петров, ${EXTEN} | & \\',
+    "asterisk": 'Иван "Ваня" Петров, ${EXTEN} | & \\',
+    # FreeSWITCH expands ${...} and backslash escapes in application arguments: made inert
+    "freeswitch": 'Иван "Ваня" Петров, $ {EXTEN} | & /',
+}
+
+
+async def test_unsafe_caller_name_is_stored_intact_but_agents_see_it_cleaned(place, pbx, conn):
+    name = 'Иван "Ваня"\nПетров, ${EXTEN} | & \\\x07'
+    out = await place(Scenario(name=name, keys=["1"]))
+    assert (await call_row(conn, out.uid))["caller_name"] == name
+    assert out.agent_name == AGENTS_SEE[pbx]
+
+
+async def test_a_clean_caller_name_is_left_alone(place, conn):
+    out = await place(Scenario(name="Анна", keys=["1"]))
+    assert out.agent_name is None
+    assert (await call_row(conn, out.uid))["caller_name"] == "Анна"
+
+
+async def test_not_a_phone_number_is_kept_raw_without_callback(place, conn):
+    out = await place(Scenario(caller="anonymous", keys=["1"]))
+    row = await call_row(conn, out.uid)
+    assert row["caller_number"] == "anonymous" and row["caller_e164"] is None
+    assert await callbacks(conn) == []
+
+
+async def test_english_number_plays_english_prompts(place, conn):
+    out = await place(Scenario(number="300", keys=["1"]))
+    assert out.languages == {"en"}
+
+
+async def test_hunt_group_rings_one_after_another(place, pbx, conn):
+    await conn.execute("UPDATE groups SET strategy = 'hunt' WHERE name = 'delivery'")
+    out = await place(Scenario(keys=["2"], answers=[(None, 0), (None, 0)]))
+    if pbx == "asterisk":  # AgiCall hunts with one Dial per agent; FreeSWITCH with one bridge, legs joined by |
+        assert out.dials == [(["agent2"], "ringall", 6), (["agent3"], "ringall", 6)]
+    else:
+        assert out.dials == [(["agent2", "agent3"], "hunt", 6)]
+    row = await call_row(conn, out.uid)
+    assert row["outcome"] == "missed_no_answer"  # and the caller heard it: the channel survived
+    assert out.played[-1] == "nobody_answered"
+
+
+# -- what only the FreeSWITCH side shows -------------------------------------------------------------------
+
+
+async def test_freeswitch_dial_sets_the_timeout_on_the_channel_and_keeps_the_caller(app, conn):
+    out = await run_freeswitch(app, Scenario(keys=["2"], answers=[("agent2", 3)]))
+    peer = out.peer
+    assert peer is not None
+    [bridge] = peer.bridges
+    assert bridge.call_timeout == "6"  # set on the channel: inside {} FreeSWITCH ignores it
+    assert "call_timeout" not in bridge.braces
+    assert peer.vars["continue_on_fail"] == "true" and peer.vars["hangup_after_bridge"] == "false"
+    sets = [arg.split("=")[0] for a, arg in peer.apps if a == "set"]
+    assert sets.index("continue_on_fail") < sets.index("call_timeout")
+    assert all(target.startswith("user/") for _, target in bridge.legs)  # freeswitch.endpoint_template
+    assert len({leg for leg, _ in bridge.legs}) == 2  # our own origination_uuid per leg
+    row = await call_row(conn, out.uid)
+    assert row["agent"] == "agent2" and row["caller_name"] == "Customer"
+    assert peer.commands[:4] == ["connect", "myevents", "linger 30", "resume"]
+    assert peer.commands[-1].startswith("sendmsg")  # the hangup; then we close
+
+
+async def test_freeswitch_cyrillic_caller_name_and_split_reads(app, conn):
+    server = EslServer(esl_routes(app, {"inbound": inbound}), port=0)
+    await server.start()
+    peer = FsPeer(server.port, Caller(keys=["1"], answers=["agent1"]), name="Мария \"Маша\" Иванова",
+                  split=True)
+    await asyncio.wait_for(peer.run(), 10)
+    await asyncio.wait_for(asyncio.gather(*server.active), 5)
+    await server.stop()
+    row = await call_row(conn, peer.uuid)
+    assert row["caller_name"] == 'Мария "Маша" Иванова' and row["agent"] == "agent1"
+
+
+# -- a real FreeSWITCH, when one is there -----------------------------------------------------------------
+
+REAL = os.environ.get("SHOPCALL_FREESWITCH_ESL", "")
+
+
+@pytest.mark.skipif(not REAL, reason="SHOPCALL_FREESWITCH_ESL=host:port:password not set: no real FreeSWITCH "
+                    "here (it cannot be installed on these machines); the captured transcripts cover the wire")
+async def test_real_freeswitch_originate_socket_flow_and_hangup():
+    """Originate a call with our uuid whose answered leg runs `socket` back to our server; the flow answers,
+    sets and reads variables (Cyrillic), waits for a key, and hangs up; the client sees answer and hangup.
+    SHOPCALL_FREESWITCH_TARGET (default `loopback/9664/default`) is what gets dialled, and
+    SHOPCALL_FREESWITCH_SOCKET_HOST (default 127.0.0.1) is how FreeSWITCH reaches this test."""
+    host, port, password = REAL.rsplit(":", 2)
+    target = os.environ.get("SHOPCALL_FREESWITCH_TARGET", "loopback/9664/default")
+    back = os.environ.get("SHOPCALL_FREESWITCH_SOCKET_HOST", "127.0.0.1")
+    seen: dict[str, object] = {}
+
+    async def flow(session, channel):
+        from esl.call import EslCall
+        from esl.routes import call_info
+
+        call = EslCall(session, call_info(channel, "e2e"), PromptNames())
+        seen["name"] = call.info.caller_name
+        await call.answer()
+        await call.set_var("shopcall_e2e", "Проверка")
+        seen["var"] = await call.get_var("shopcall_e2e")
+        seen["key"] = await call.collect(None, max_digits=1, timeout=1)
+        await call.hangup()
+
+    server = EslServer({"e2e": flow}, host="0.0.0.0" if back != "127.0.0.1" else "127.0.0.1", port=0,
+                       allow=["0.0.0.0/0"])
+    await server.start()
+    client = EslClient(host, int(port), password, command_timeout=10)
+    await client.start()
+    try:
+        result = await client.originate(
+            target, uuid=str(uuid.uuid4()), timeout=20,
+            variables={"origination_caller_id_name": "Иван Петров", "shopcall_flow": "e2e"},
+            destination=f"&socket({back}:{server.port} async full)")
+        assert result.ok, result.reply
+        assert result.channel is not None
+        cause = await asyncio.wait_for(result.channel.hangup, 30)
+        await asyncio.wait_for(asyncio.gather(*server.active), 10)
+    finally:
+        await client.close()
+        await server.stop()
+    assert seen == {"name": "Иван Петров", "var": "Проверка", "key": None}
+    assert cause == "NORMAL_CLEARING"
+
+
+# -- EslCall's primitives, one by one, against the peer ---------------------------------------------------
+
+
+async def on_freeswitch(flow, caller: Caller | None = None) -> tuple[FsPeer, object]:
+    """Run `flow(call)` (an EslCall) for one call from the peer; returns the peer and what flow returned."""
+    from esl.call import EslCall
+    from esl.routes import call_info
+
+    out: dict[str, object] = {}
+
+    async def route(session, channel):
+        out["value"] = await flow(EslCall(session, call_info(channel, "t"), PromptNames()))
+
+    server = EslServer({"t": route}, port=0, command_timeout=2)
+    await server.start()
+    peer = FsPeer(server.port, caller, variables={"shopcall_flow": "t"})
+    try:
+        await asyncio.wait_for(peer.run(), 10)
+        await asyncio.wait_for(asyncio.gather(*server.active), 5)
+    finally:
+        await server.stop()
+    return peer, out.get("value")
+
+
+async def test_freeswitch_record_reports_the_audio_written(tmp_path):
+    target = tmp_path / "vm" / "message.wav"
+    peer, result = await on_freeswitch(lambda call: call.record(target, max_seconds=5, silence_seconds=3))
+    assert result.path == target and result.ended_by == "maxtime"
+    assert result.seconds == 1.0  # record_ms: the audio in the file, not the time spent
+    assert peer.apps == [("set", "playback_terminators=none"), ("playback", "tone_stream://%(250,0,1000)"),
+                         ("set", "playback_terminators=#"), ("record", f"{target} 5 200 3")]
+
+
+async def test_freeswitch_variables_round_trip_and_stay_inert():
+    async def flow(call):
+        await call.set_var("shopcall_note", "Иван ${system(id)}\n")
+        with pytest.raises(ValueError):
+            await call.set_var("CALLERID(name)", "x")
+        return await call.get_var("shopcall_note"), await call.get_var("nothing_here")
+
+    peer, (note, missing) = await on_freeswitch(flow)
+    assert peer.vars["shopcall_note"] == note == "Иван $ {system(id)} "  # read back raw UTF-8 (uuid_getvar)
+    assert missing is None
+
+
+async def test_freeswitch_stream_returns_the_key_and_plain_playback_ignores_keys():
+    async def flow(call):
+        plain = await call.stream(Path("/sounds/ru/connecting"))
+        key = await call.stream(Path("/sounds/ru/greeting"), escape="0123456789*#")
+        return plain, key
+
+    peer, (plain, key) = await on_freeswitch(flow, Caller(greeting_key="5"))
+    assert (plain, key) == (None, "5")
+    # FreeSWITCH stops a playback on a key in playback_terminators (default "*"): set before each kind
+    assert [arg for app_, arg in peer.apps if app_ == "set"] == [
+        "playback_terminators=none", "playback_terminators=0123456789*#"]
+    peer, key = await on_freeswitch(
+        lambda call: call.stream(Path("/sounds/ru/greeting"), escape="123"), Caller(greeting_key="9"))
+    assert key is None and ("set", "playback_terminators=123") in peer.apps
+
+
+async def test_freeswitch_recording_and_hangup_cause(tmp_path):
+    target = tmp_path / "rec" / "call.wav"
+
+    async def flow(call):
+        await call.start_recording(target)
+        await call.stop_recording()
+        await call.start_recording(target, on_demand=True)
+        await call.hangup("busy")
+
+    peer, _ = await on_freeswitch(flow)
+    assert peer.apps == [("set", "RECORD_BRIDGE_REQ=true"), ("record_session", str(target)),
+                         ("stop_record_session", str(target)), ("bind_meta_app", f"2 b s record_session::{target}")]
+    assert peer.hangup_cause == "USER_BUSY"
+
+
+async def test_freeswitch_after_a_hangup_variables_come_from_the_last_event():
+    async def flow(call):
+        with pytest.raises(CallEnded):
+            await call.stream(Path("/sounds/ru/greeting"))
+        return await call.get_var("playback_ms")
+
+    peer, value = await on_freeswitch(flow, Caller(hang_up_on="playback"))
+    assert value == "2048" and peer.hung_up
