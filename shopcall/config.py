@@ -26,6 +26,8 @@ __all__ = [
     "EslConfig",
     "FreeswitchConfig",
     "MailConfig",
+    "ApiConfig",
+    "CallbacksConfig",
     "RecordingConfig",
     "VoicemailConfig",
     "InboundConfig",
@@ -247,6 +249,14 @@ class AsteriskConfig:
     context_prefix: str = _setting("shopcall", str, "a dialplan context prefix", _check_context_prefix)
     fallback_group: str = _setting("sales", str, "a non-empty group name", _nonempty)
     recordings_path: Path | None = _setting(None, str, "a path", final=_path_or_none)
+    ami_host: str = _setting("127.0.0.1", str, "a non-empty host", _nonempty)
+    ami_port: int = _number(5038, int, lo=1, hi=65535)
+    ami_user: str = _setting("shopcall", str, "a string")
+    ami_secret: str = _setting("", str, "a string", repr=False)  # empty: no AMI, callbacks are not dialled
+    # dial string for a customer's number through your trunk
+    trunk_template: str = _setting(
+        "PJSIP/{number}@trunk", str, 'a string containing "{number}"', lambda v: None if "{number}" in v
+        else 'must contain "{number}"')
 
     def effective_agi_port(self, agi: AgiConfig) -> int:
         return self.agi_port or agi.port
@@ -300,6 +310,26 @@ class FreeswitchConfig:
 
 
 @dataclass(frozen=True)
+class CallbacksConfig:
+    """Callback requests offered to agents: the agent's phone rings first, then the customer is dialled."""
+
+    enabled: bool = _setting(True, bool, "true or false")
+    poll_seconds: float = _number(5.0, float)
+    agent_ring_seconds: int = _number(20, int, lo=1)
+    customer_ring_seconds: int = _number(30, int, lo=1)
+    retry_minutes: int = _number(15, int, lo=1)
+    max_attempts: int = _number(3, int, lo=1)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = _setting("127.0.0.1", str, "a non-empty address", _nonempty)
+    port: int = _number(8085, int, lo=1, hi=65535)
+    allow: tuple[str, ...] = _setting((), list, "a list of addresses/networks", _check_allow, tuple)
+    tokens: tuple[str, ...] = _setting((), list, "a list of bearer tokens", None, tuple)
+
+
+@dataclass(frozen=True)
 class RecordingConfig:
     retention_days: int = _number(90, int, lo=1)  # `shopcall purge-recordings` deletes older files
 
@@ -349,6 +379,8 @@ _SECTIONS: dict[str, type] = {
     "esl": EslConfig,
     "freeswitch": FreeswitchConfig,
     "recording": RecordingConfig,
+    "callbacks": CallbacksConfig,
+    "api": ApiConfig,
     "mail": MailConfig,
     "voicemail": VoicemailConfig,
     "log": LogConfig,
@@ -370,6 +402,8 @@ class Config:
     esl: EslConfig = field(default_factory=EslConfig)
     freeswitch: FreeswitchConfig = field(default_factory=FreeswitchConfig)
     recording: RecordingConfig = field(default_factory=RecordingConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     mail: MailConfig = field(default_factory=MailConfig)
     voicemail: VoicemailConfig = field(default_factory=VoicemailConfig)
     log: LogConfig = field(default_factory=LogConfig)
