@@ -12,10 +12,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from agi.server import parse_allow, peer_allowed
 from esl.protocol import Event
 from esl.session import OutboundSession
-from shopcall.call import CallEnded, PbxError
+from shopcall.listener import Listener
 
 log = logging.getLogger("shopcall.esl")
 
@@ -34,72 +33,26 @@ def route_name(channel: Event) -> str:
     return extra[-1] if extra else ""
 
 
-class EslServer:
-    def __init__(
-        self,
-        routes: Mapping[str, Handler],
-        *,
-        host: str = "127.0.0.1",
-        port: int = 8084,
-        allow: Sequence[str] = (),
-        command_timeout: float = 10.0,
-        backlog: int = 2048,
-    ) -> None:
-        self.routes = dict(routes)
-        self.host = host
-        self.port = port
-        self.allow = parse_allow(allow)
-        self.command_timeout = command_timeout
-        self.backlog = backlog
-        self.server: asyncio.Server | None = None
-        self.active: set[asyncio.Task] = set()
-        self.sessions_total = 0
+class EslServer(Listener):
+    label = "ESL outbound server"
+    allow_key = "esl.allow"
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(
-            self._on_connect, self.host, self.port, backlog=self.backlog, reuse_address=True
-        )
-        sock = self.server.sockets[0].getsockname()
-        self.port = sock[1]
-        log.info("ESL outbound server listening on %s:%s (flows: %s)", sock[0], sock[1],
-                 ", ".join(sorted(self.routes)))
+    def __init__(self, routes: Mapping[str, Handler], *, host: str = "127.0.0.1", port: int = 8084,
+                 allow: Sequence[str] = (), command_timeout: float = 10.0, backlog: int = 2048) -> None:
+        super().__init__(routes, host=host, port=port, allow=allow, command_timeout=command_timeout,
+                         backlog=backlog)
 
-    async def stop(self, grace: float = 5.0) -> None:
-        if self.server:
-            self.server.close()
-            await self.server.wait_closed()
-        if self.active:
-            _, pending = await asyncio.wait(self.active, timeout=grace)
-            for task in pending:
-                task.cancel()
+    def open_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     tag: str) -> OutboundSession:
+        return OutboundSession(reader, writer, command_timeout=self.command_timeout, tag=tag)
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task:
-            self.active.add(task)
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        tag = f"{peer[0]}:{peer[1]}"
-        session = OutboundSession(reader, writer, command_timeout=self.command_timeout, tag=tag)
-        try:
-            if not peer_allowed(str(peer[0]), self.allow):
-                log.warning("ESL: refused connection from %s (not in esl.allow)", tag)
-                return
-            channel = await session.connect()
-            self.sessions_total += 1
-            name = route_name(channel)
-            handler = self.routes.get(name)
-            if handler is None:
-                # closing hands the call back to the dialplan (socket_resume), which rings the fallback
-                log.error("%s: no flow %r (known: %s)", session.tag, name, ", ".join(sorted(self.routes)))
-                return
-            await handler(session, channel)
-        except CallEnded as exc:
-            log.info("%s: call ended: %s", session.tag, exc)
-        except PbxError as exc:
-            log.error("%s: %s", session.tag, exc)
-        except Exception:
-            log.exception("%s: handler failed", session.tag)
-        finally:
-            await session.close()
-            if task:
-                self.active.discard(task)
+    async def serve(self, session: OutboundSession) -> None:
+        channel = await session.connect()
+        self.sessions_total += 1
+        name = route_name(channel)
+        handler = self.routes.get(name)
+        if handler is None:
+            # closing hands the call back to the dialplan (socket_resume), which rings the fallback
+            log.error("%s: no flow %r (known: %s)", session.tag, name, ", ".join(sorted(self.routes)))
+            return
+        await handler(session, channel)

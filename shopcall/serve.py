@@ -59,34 +59,21 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
     log.info("prompts ready: %s", summary)
 
     servers: list = []  # FastAGI (Asterisk) and the event socket server (FreeSWITCH), as asked
-    if "agi" in parts:
-        from agi.routes import agi_routes
-        from agi.server import FastAgiServer
-
-        agi = FastAgiServer(
-            agi_routes(app, load_all()),
-            host=config.agi.listen,
-            port=config.agi.port,
-            allow=config.agi.allow,
-            command_timeout=config.agi.command_timeout,
-            backlog=config.agi.backlog,
-        )
-        await agi.start()
-        servers.append(agi)
-    if "esl" in parts:
-        from esl.routes import esl_routes
-        from esl.server import EslServer
-
-        esl = EslServer(
-            esl_routes(app, load_all()),
-            host=config.esl.listen,
-            port=config.esl.port,
-            allow=config.esl.allow,
-            command_timeout=config.esl.command_timeout,
-            backlog=config.esl.backlog,
-        )
-        await esl.start()
-        servers.append(esl)
+    for part in ("agi", "esl"):
+        if part not in parts:
+            continue
+        if part == "agi":
+            from agi.routes import agi_routes as routes
+            from agi.server import FastAgiServer as server_class
+        else:
+            from esl.routes import esl_routes as routes
+            from esl.server import EslServer as server_class
+        section = getattr(config, part)  # [agi] and [esl] have the same listening keys
+        server = server_class(routes(app, load_all()), host=section.listen, port=section.port,
+                              allow=section.allow, command_timeout=section.command_timeout,
+                              backlog=section.backlog)
+        await server.start()
+        servers.append(server)
     from shopcall import mailer, voicemail
 
     background = [

@@ -619,9 +619,9 @@ async def test_client_reconnects_with_back_off_and_fails_jobs_in_flight():
 
 
 async def test_a_peer_outside_the_allow_list_gets_nothing(monkeypatch, caplog):
-    import esl.server
+    import shopcall.listener
 
-    monkeypatch.setattr(esl.server, "peer_allowed", lambda host, allow: False)  # as if from 203.0.113.9
+    monkeypatch.setattr(shopcall.listener, "peer_allowed", lambda host, allow: False)  # as if from 203.0.113.9
     server = EslServer({"": lambda s, c: asyncio.sleep(0)}, port=0)
     await server.start()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
