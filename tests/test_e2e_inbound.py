@@ -472,3 +472,19 @@ async def test_after_hours_voicemail_is_recorded_transcribed_and_mailed(stack, d
     assert mail["To"] == "anna@example.test" and "+7 916 555-12-34" in str(
         email.header.make_header(email.header.decode_header(mail["Subject"])))
     assert [p.get_content_type() for p in mail.walk() if p.get_filename()] == ["audio/wav"]
+
+
+async def test_server_killed_mid_conversation_does_not_ring_the_group_again(stack, db, agents):
+    app = stack["app"]
+    a = await agents(agent1=dict(answer_after=0.5, hangup_after=6.0))
+    call_task = asyncio.create_task(place_call("100", digits="1", from_user="74959990011", pbx=stack["sip"],
+                                               work_dir=stack["work"]))
+    try:
+        assert await a["agent1"].wait_for("ANSWERED", timeout=20) == 1, explain(stack, *a.values())
+        app.kill()  # mid-conversation
+        call = await call_task
+    finally:
+        app.start()
+    assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values())
+    # the agent hung up, Dial returned to a dead FastAGI session (AGISTATUS=FAILURE): no second ring
+    assert a["agent1"].invites_received() == 1, explain(stack, *a.values())
