@@ -326,7 +326,7 @@ class ApiConfig:
     listen: str = _setting("127.0.0.1", str, "a non-empty address", _nonempty)
     port: int = _number(8085, int, lo=1, hi=65535)
     allow: tuple[str, ...] = _setting((), list, "a list of addresses/networks", _check_allow, tuple)
-    tokens: tuple[str, ...] = _setting((), list, "a list of bearer tokens", None, tuple)
+    tokens: tuple[str, ...] = _setting((), list, "a list of bearer tokens", None, tuple, repr=False)
 
 
 @dataclass(frozen=True)

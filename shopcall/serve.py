@@ -17,7 +17,7 @@ from shopcall.flows import load_all
 log = logging.getLogger("shopcall.serve")
 
 PARTS = ("agi", "esl", "api", "dialler")
-AVAILABLE = ("agi", "esl")  # the others arrive with their issues (outbound campaigns)
+AVAILABLE = ("agi", "esl", "api")  # the others arrive with their issues (outbound campaigns)
 
 
 class PartUnavailable(Exception):
@@ -74,6 +74,11 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
                               backlog=section.backlog)
         await server.start()
         servers.append(server)
+    api = None
+    if "api" in parts:
+        from shopcall.api import start_api
+
+        api = await start_api(config, pool)
     from shopcall import mailer, voicemail
 
     background = [
@@ -98,6 +103,8 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
             task.cancel()
         for server in servers:
             await server.stop(grace=5.0)
+        if api is not None:
+            await api.stop()
         if app.tasks:  # voicemails being stored: let them finish (each is spooled if the DB is gone)
             await asyncio.wait(app.tasks, timeout=30)
         await pool.close()

