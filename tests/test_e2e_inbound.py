@@ -154,6 +154,10 @@ exten => _X.,1,GotoIf($["${{PJSIP_HEADER(read,X-Shopcall-Test-Name)}}" = ""]?go)
  same => n,Set(CALLERID(name)=${{URIDECODE(${{PJSIP_HEADER(read,X-Shopcall-Test-Name)}})}})
  same => n(go),Goto(shopcall-inbound,${{EXTEN}},1)
 
+; where the agents' phones dial from
+[test-agents]
+include => shopcall-agents
+
 #include "{include}"
 """
     # ports chosen free at start, so a demo PBX or a second test run on this machine does not collide
@@ -520,3 +524,50 @@ async def test_database_down_the_call_falls_back_and_its_row_arrives_later(stack
             continue
     assert len(rows) == 1, explain(stack)
     assert rows[0]["outcome"] == "fallback" and "error" in rows[0]["route_log"][-1], rows[0]["route_log"]
+
+
+async def test_feature_code_from_the_agents_phone_logs_them_out(stack, db, agents):
+    try:
+        # a call From agent2 is agent2's phone (PJSIP identifies it by user name): *72 logs it out
+        call = await place_call("*72", from_user="agent2", pbx=stack["sip"], work_dir=stack["work"])
+        assert call.answered and call.hung_up_by == "pbx", explain(stack)
+        state = db.execute("SELECT logged_in FROM employees WHERE endpoint = 'agent2'").fetchone()
+        assert state["logged_in"] is False, explain(stack)
+        a = await agents(agent2=dict(answer_after=0.5), agent3=dict(answer_after=0.5, hangup_after=1.0))
+        call = await place_call("100", digits="2", from_user="74956660001", pbx=stack["sip"],
+                                work_dir=stack["work"])
+        assert call.answered and a["agent2"].invites_received() == 0 and a["agent3"].answered() == 1
+        call = await place_call("*71", from_user="agent2", pbx=stack["sip"], work_dir=stack["work"])
+        assert db.execute("SELECT logged_in FROM employees WHERE endpoint = 'agent2'").fetchone()["logged_in"]
+    finally:
+        stack["app"].cli("agent", "login", "agent2")
+
+
+async def test_round_robin_and_least_recent_through_real_calls(stack, db, agents):
+    try:
+        for strategy in ("roundrobin", "leastrecent"):
+            db.execute("UPDATE groups SET strategy = %s WHERE name = 'delivery'", (strategy,))
+            answered = []
+            for i in range(3):
+                a = await agents(agent2=dict(answer_after=0.3, hangup_after=0.5),
+                                 agent3=dict(answer_after=0.3, hangup_after=0.5))
+                call = await place_call("100", digits="2", from_user=f"7495666100{i}", pbx=stack["sip"],
+                                        work_dir=stack["work"])
+                assert call.answered, explain(stack, *a.values())
+                answered.append("agent2" if a["agent2"].answered() else "agent3")
+                for agent in a.values():
+                    await agent.stop()
+            # both take turns: the one offered the last call (round robin) or who waited longer (least recent)
+            assert answered in (["agent2", "agent3", "agent2"], ["agent3", "agent2", "agent3"]), (strategy, answered)
+    finally:
+        db.execute("UPDATE groups SET strategy = 'ringall' WHERE name = 'delivery'")
+
+
+async def test_caller_hanging_up_in_the_greeting_leaves_a_callback_request(stack, db, agents):
+    call = await place_call("100", from_user="74956662233", pbx=stack["sip"], work_dir=stack["work"],
+                            wait_bye=1.5)
+    assert call.answered and call.hung_up_by == "caller"
+    [row] = wait_row(db)
+    assert (row["outcome"], row["missed"]) == ("abandoned", True), explain(stack)
+    [cb] = db.execute("SELECT * FROM callback_requests").fetchall()
+    assert (cb["phone"], cb["reason"], cb["call_id"]) == ("+74956662233", "abandoned", row["id"])

@@ -527,7 +527,9 @@ icesupport = no
 [global]
 type = global
 user_agent = {self.name}
-endpoint_identifier_order = ip,username
+; username first: a SIPp call From an agent's name arrives as that agent's phone (feature codes);
+; any other caller falls through to the IP match of the sipp endpoint
+endpoint_identifier_order = username,ip
 
 [transport-udp]
 type = transport
