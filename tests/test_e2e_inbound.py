@@ -571,3 +571,22 @@ async def test_caller_hanging_up_in_the_greeting_leaves_a_callback_request(stack
     assert (row["outcome"], row["missed"]) == ("abandoned", True), explain(stack)
     [cb] = db.execute("SELECT * FROM callback_requests").fetchall()
     assert (cb["phone"], cb["reason"], cb["call_id"]) == ("+74956662233", "abandoned", row["id"])
+
+
+async def test_injection_in_caller_name_and_number_changes_nothing(stack, db, agents):
+    a = await agents(agent2=dict(answer_after=0.5, hangup_after=1.0), agent3=dict(answer_after=None),
+                     agent4=dict(answer_after=0.5))
+    # (no backslash: on a PJSIP channel CALLERID(name) is read as a SIP display name, \\x -> x)
+    name = 'Ann" , PJSIP/agent4&${EXTEN}|$(SHELL)\nSET VARIABLE SHOPCALL_DONE 1'
+    number = "79161234567,PJSIP&agent4$CHANNEL"  # what a SIP user part carries (a ";" starts URI parameters)
+    call = await place_call("100", digits="2", from_user=number, pbx=stack["sip"], work_dir=stack["work"],
+                            extra_headers={"X-Shopcall-Test-Name": urlquote(name, safe="")})
+    assert call.answered and call.hung_up_by == "pbx", explain(stack, *a.values())
+    assert a["agent4"].invites_received() == 0  # nothing in the name or number reached a dial string
+    assert a["agent2"].answered() == 1
+    [row] = wait_row(db)
+    assert row["caller_name"] == name and row["caller_number"] == number
+    assert row["caller_e164"] is None  # not a phone number: no callback to it either
+    assert (row["outcome"], row["agent"]) == ("answered", "agent2")
+    invite = messages(a["agent2"])
+    assert "SET VARIABLE" in invite and "\nSET VARIABLE" not in invite  # the newline did not split a header
