@@ -590,3 +590,41 @@ async def test_injection_in_caller_name_and_number_changes_nothing(stack, db, ag
     assert (row["outcome"], row["agent"]) == ("answered", "agent2")
     invite = messages(a["agent2"])
     assert "SET VARIABLE" in invite and "\nSET VARIABLE" not in invite  # the newline did not split a header
+
+
+async def test_load_every_call_one_row_none_lost(stack, db, agents):
+    """Issue 6's load drill, bounded for CI (SHOPCALL_LOAD_CALLS / SHOPCALL_LOAD_RATE raise it)."""
+    from tests.pbx.sipp import SIPP, free_media_port, render_caller_scenario
+
+    calls = int(os.environ.get("SHOPCALL_LOAD_CALLS", "150"))
+    rate = int(os.environ.get("SHOPCALL_LOAD_RATE", "10"))
+    db.execute("""INSERT INTO numbers (number, title, schedule_id, group_id, recording_notice, sticky,
+                                       by_last_category)
+                  SELECT '700', 'load', s.id, g.id, false, false, false FROM schedules s, groups g
+                   WHERE s.name = 'always' AND g.name = 'sales' ON CONFLICT (number) DO NOTHING""")
+    a = await agents(agent1=dict(answer_after=0.2, hangup_after=0.5))
+    base = stack["work"] / "load"
+    scenario = base.with_suffix(".xml")
+    scenario.write_text(render_caller_scenario(
+        from_user="79160001122", display_name=None, digits="", digit_delay=0, digit_gap=0,
+        pai_display_name=None, extra_headers={}, wait_bye=60), encoding="utf-8")
+    proc = await asyncio.create_subprocess_exec(
+        SIPP, stack["sip"], "-sf", str(scenario), "-s", "700", "-i", "127.0.0.1", "-p", str(free_sip_port()),
+        "-mp", str(free_media_port()), "-m", str(calls), "-r", str(rate), "-l", str(calls), "-nostdin", "-aa",
+        "-trace_err", "-error_file", f"{base}_errors.log",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    started = time.monotonic()
+    rc = await asyncio.wait_for(proc.wait(), calls / rate + 120)
+    elapsed = time.monotonic() - started
+    assert rc == 0, f"SIPp: some calls failed (rc={rc})\n" + explain(stack, *a.values())
+    assert a["agent1"].answered() == calls
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        row = db.execute("SELECT count(*) AS n, count(DISTINCT uniqueid) AS u, count(*) FILTER "
+                         "(WHERE outcome = 'answered' AND answered_endpoint = 'agent1') AS ok "
+                         "FROM calls WHERE dialled_number = '700'").fetchone()
+        if row["n"] >= calls:
+            break
+        await asyncio.sleep(0.5)
+    assert row == {"n": calls, "u": calls, "ok": calls}, row  # none lost, none twice
+    print(f"load: {calls} calls at {rate}/s took {elapsed:.1f} s, every one answered and logged once")
