@@ -19,6 +19,7 @@ from shopcall.call import (
     RecordResult,
     SoundSource,
     check_endpoint,
+    check_number,
     check_var_name,
 )
 
@@ -51,12 +52,14 @@ class AgiCall(Call):
         sounds: SoundSource,
         *,
         endpoint_template: str = "PJSIP/{endpoint}",
+        trunk_template: str = "PJSIP/{number}@trunk",
         pbx_path: Callable[[Path], str] = str,
         max_call_seconds: int = 14400,
     ) -> None:
         super().__init__(info, sounds)
         self.session = session
         self.endpoint_template = endpoint_template
+        self.trunk_template = trunk_template  # asterisk.trunk_template: a customer's number via the trunk
         self.pbx_path = pbx_path  # our path of a file → the path Asterisk sees (chroot, other host)
         self.max_call_seconds = max_call_seconds
         self.dial_options = "g"  # g: when the agent hangs up, come back to us (log the call, the survey)
@@ -120,8 +123,11 @@ class AgiCall(Call):
                 break
         return result
 
-    async def _dial_once(self, names: list[str], timeout: int) -> DialResult:
-        target = "&".join(self.endpoint_template.format(endpoint=n) for n in names)
+    async def dial_number(self, number: str, *, timeout: int = 30) -> DialResult:
+        return await self._dial_once([], timeout, target=self.trunk_template.format(number=check_number(number)))
+
+    async def _dial_once(self, names: list[str], timeout: int, *, target: str = "") -> DialResult:
+        target = target or "&".join(self.endpoint_template.format(endpoint=n) for n in names)
         started = time.monotonic()
         await self._send(
             "EXEC", "Dial", quote(f"{target},{int(timeout)},{self.dial_options}"),

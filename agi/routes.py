@@ -81,6 +81,7 @@ def agi_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
                 call_info(env, script),
                 app.prompts,
                 endpoint_template=app.config.asterisk.endpoint_template,
+                trunk_template=app.config.asterisk.trunk_template,
                 pbx_path=to_pbx,
                 max_call_seconds=app.config.agi.max_call_seconds,
             )

@@ -24,6 +24,7 @@ DTMF_KEYS = frozenset("0123456789*#")
 # a plain variable or a dialplan function with a simple argument, e.g. CALLERID(name)
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\([A-Za-z0-9_-]{0,32}\))?$")
 _ENDPOINT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
+_PHONE_NUMBER = re.compile(r"^\+?[0-9]{3,20}$")
 
 
 class CallEnded(Exception):
@@ -98,9 +99,16 @@ class MenuResult:
 
 def check_endpoint(name: str) -> str:
     """Endpoint names reach a dial string: allow only what cannot change its meaning."""
-    if not _ENDPOINT.match(name or ""):
+    if not _ENDPOINT.fullmatch(name or ""):  # fullmatch: "$" alone would let a trailing newline through
         raise ValueError(f"invalid endpoint name {name!r}: letters, digits and _.+- only")
     return name
+
+
+def check_number(number: str) -> str:
+    """An outside phone number reaches a dial string: digits with an optional leading + only."""
+    if not _PHONE_NUMBER.fullmatch(number or ""):  # fullmatch: "$" would let a trailing "\n" through
+        raise ValueError(f"invalid phone number {number!r}: digits with an optional leading + only")
+    return number
 
 
 def presentable(name: str, limit: int = 80) -> str:
@@ -110,7 +118,7 @@ def presentable(name: str, limit: int = 80) -> str:
 
 
 def check_var_name(name: str) -> str:
-    if not _VAR_NAME.match(name or ""):
+    if not _VAR_NAME.fullmatch(name or ""):
         raise ValueError(f"invalid channel variable name {name!r}")
     return name
 
@@ -146,6 +154,11 @@ class Call(abc.ABC):
         timeout: int = 20,
         caller_name: str | None = None,
     ) -> DialResult: ...
+
+    async def dial_number(self, number: str, *, timeout: int = 30) -> DialResult:
+        """Dial an outside number (E.164 or digits) through the PBX's trunk and bridge it to this call;
+        how the trunk is reached (the dial string) is the adapter's business, not the flow's."""
+        raise NotImplementedError(f"{type(self).__name__} cannot dial outside numbers")
 
     @abc.abstractmethod
     async def record(

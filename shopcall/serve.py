@@ -86,6 +86,10 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         asyncio.create_task(mailer.run_forever(pool, config), name="mail-outbox"),
         asyncio.create_task(_every(30, voicemail.replay_spool, pool, config), name="voicemail-spool-replay"),
     ]
+    if "agi" in parts:  # callback requests are offered through Asterisk's AMI (needs asterisk.ami_secret)
+        from shopcall import callbacks
+
+        background.append(asyncio.create_task(callbacks.serve_callbacks(pool, config), name="callback-worker"))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

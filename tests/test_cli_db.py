@@ -179,3 +179,12 @@ def test_phone_normalisation():
 async def test_psycopg_pool_reports_unreachable_database_fast():
     with pytest.raises(psycopg.OperationalError):
         await db.migrate_url("postgresql://nobody@127.0.0.1:1/none?connect_timeout=1")
+
+
+def test_names_reaching_the_pbx_reject_a_trailing_newline():
+    from shopcall.call import check_endpoint, check_var_name
+
+    for check, value in ((check_endpoint, "agent1\n"), (check_var_name, "SHOPCALL_DONE\n")):
+        with pytest.raises(ValueError):
+            check(value)
+    assert check_endpoint("agent-1.b+c_2") == "agent-1.b+c_2"

@@ -1,0 +1,275 @@
+"""Offering callback requests to agents: ring a free agent first (AMI Originate), then the callback flow
+(shopcall/flows/callback.py) dials the customer on the agent's answered leg.
+
+Life of a request: pending --claim--> in_progress --agent answers--> (flow) done | pending | failed
+                                                  --agent does not--> pending (due later) | failed
+Several workers (processes, hosts) may run this at once: a request is claimed with FOR UPDATE SKIP LOCKED
+and the agent under an advisory lock, and the claim is committed before the Originate, so a request is
+never dialled twice at the same time and an agent never gets two callbacks at once. A request whose
+worker died (in_progress too long) is given back by `reconcile`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from psycopg_pool import AsyncConnectionPool
+
+from agi.ami import AmiClient, AmiConnectionLost, AmiError, AmiTimeout, OriginateResult
+from shopcall.call import check_endpoint, presentable
+from shopcall.config import Config
+
+log = logging.getLogger("shopcall.callbacks")
+
+FREE_STATES = frozenset({"NOT_INUSE"})
+RING_GRACE_SECONDS = 60  # after the agent's ring time, an Originate has surely given up
+
+
+class Ami(Protocol):
+    """The part of agi.ami.AmiClient the worker uses (a fake in tests)."""
+
+    async def device_state(self, device: str) -> str: ...
+
+    async def originate(self, channel: str, *, context: str, exten: str = "s", priority: int = 1,
+                        ring_seconds: int = 20, variables: dict[str, object] | None = None,
+                        caller_id: str | None = None, timeout: float | None = None) -> OriginateResult: ...
+
+
+@dataclass(frozen=True)
+class Offer:
+    request_id: int
+    phone: str
+    endpoint: str
+    attempt: int  # attempts after this claim: guards every later update against a stale worker
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    phone: str
+    status: str
+    attempts: int
+    group_name: str | None
+    agent_endpoint: str | None
+
+
+_CLAIM = """
+SELECT id, phone, group_id FROM callback_requests
+WHERE status = 'pending' AND due_at <= now() AND NOT (id = ANY(%s))
+ORDER BY due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+"""
+# the request's group first, then anyone; agents already ringing for (or talking on) a callback are out
+_CANDIDATES = """
+SELECT e.endpoint FROM employees e
+LEFT JOIN group_members gm ON gm.employee_id = e.id AND gm.group_id = %s
+WHERE e.logged_in AND NOT e.paused
+ORDER BY (gm.group_id IS NULL), gm.position, e.last_call_at NULLS FIRST, e.id
+"""
+_AGENT_BUSY = "SELECT 1 FROM callback_requests WHERE status = 'in_progress' AND agent_endpoint = %s"
+
+
+def device_for(config: Config, endpoint: str) -> str:
+    return config.asterisk.endpoint_template.format(endpoint=check_endpoint(endpoint))
+
+
+async def claim(pool: AsyncConnectionPool, config: Config, ami: Ami, *, exclude: list[int] | None = None
+                ) -> Offer | None:
+    """Take the oldest due request and a free agent for it; None when there is no request or no agent."""
+    skipped = list(exclude or [])
+    async with pool.connection() as conn, conn.transaction():
+        row = await (await conn.execute(_CLAIM, (skipped,))).fetchone()
+        if row is None:
+            return None
+        for cand in await (await conn.execute(_CANDIDATES, (row["group_id"],))).fetchall():
+            endpoint = cand["endpoint"]
+            # one worker at a time decides about an agent (held until commit, when its claim is visible)
+            got = await (await conn.execute(
+                "SELECT pg_try_advisory_xact_lock(72616003, hashtext(%s)) AS ok", (endpoint,))).fetchone()
+            if not got or not got["ok"]:
+                continue
+            if await (await conn.execute(_AGENT_BUSY, (endpoint,))).fetchone():
+                continue
+            try:
+                state = await ami.device_state(device_for(config, endpoint))
+            except (AmiError, ValueError) as exc:
+                log.warning("device state of %s unknown (%s): not offering", endpoint, exc)
+                continue
+            if state not in FREE_STATES:
+                continue
+            upd = await (await conn.execute(
+                """UPDATE callback_requests SET status = 'in_progress', attempts = attempts + 1,
+                   claimed_at = now(), agent_endpoint = %s, connected_at = NULL
+                   WHERE id = %s RETURNING attempts""", (endpoint, row["id"]))).fetchone()
+            assert upd is not None
+            return Offer(row["id"], row["phone"], endpoint, upd["attempts"])
+    return None
+
+
+async def dial(pool: AsyncConnectionPool, config: Config, ami: Ami, offer: Offer) -> str:
+    """Ring the agent; on answer the dialplan runs the callback flow, which owns the request from then on.
+    Returns the outcome: answered, no_answer/busy/failed/… (released), or unknown (left for reconcile)."""
+    cb = config.callbacks
+    try:
+        result = await ami.originate(
+            device_for(config, offer.endpoint),
+            context=f"{config.asterisk.context_prefix}-callback", exten="s",
+            ring_seconds=cb.agent_ring_seconds,
+            variables={"SHOPCALL_CALLBACK_ID": offer.request_id},
+            caller_id=f'"{presentable("Callback " + offer.phone).replace(chr(34), "")}" <{offer.phone}>',
+        )
+    except (AmiConnectionLost, AmiTimeout) as exc:
+        # the agent's phone may be ringing right now: re-dialling would double-ring. If the agent answers,
+        # the flow takes over; otherwise reconcile() gives the request back after the ring time.
+        log.warning("callback %s: originate outcome unknown (%s); left in progress", offer.request_id, exc)
+        return "unknown"
+    except (AmiError, ValueError) as exc:
+        log.error("callback %s: originate refused: %s", offer.request_id, exc)
+        await release(pool, config, offer.request_id, "originate_error", attempt=offer.attempt)
+        return "originate_error"
+    if result.success:
+        # connected_at is left to the flow: if our AGI server is down when the agent answers, the request
+        # is given back after the ring time instead of waiting for the longest call
+        async with pool.connection() as conn:
+            await conn.execute(
+                """UPDATE callback_requests SET last_result = 'agent_answered'
+                   WHERE id = %s AND status = 'in_progress' AND attempts = %s""",
+                (offer.request_id, offer.attempt))
+        log.info("callback %s: agent %s answered", offer.request_id, offer.endpoint)
+        return "answered"
+    status = await release(pool, config, offer.request_id, f"agent_{result.reason_text}", attempt=offer.attempt)
+    log.info("callback %s: agent %s %s %s → %s", offer.request_id, offer.endpoint, result.reason_text,
+             result.message, status)
+    return result.reason_text
+
+
+async def offer_due(pool: AsyncConnectionPool, config: Config, ami: Ami, *, limit: int = 20) -> list[Offer]:
+    """Claim due requests while free agents last, ring them all at once, and wait for every outcome."""
+    offers: list[Offer] = []
+    while len(offers) < limit:
+        offer = await claim(pool, config, ami, exclude=[o.request_id for o in offers])
+        if offer is None:
+            break  # any free agent may take any request: none free for this one means none for the rest
+        offers.append(offer)
+    if offers:
+        await asyncio.gather(*(dial(pool, config, ami, o) for o in offers))
+    return offers
+
+
+async def release(pool: AsyncConnectionPool, config: Config, request_id: int, result: str, *,
+                  attempt: int | None = None) -> str | None:
+    """Back to pending (due after retry_minutes), or failed once max_attempts are used. Returns the new
+    status, or None if the request was no longer ours (done, reconciled, claimed again)."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            """UPDATE callback_requests SET
+                 status = CASE WHEN attempts >= %(max)s THEN 'failed' ELSE 'pending' END,
+                 due_at = CASE WHEN attempts >= %(max)s THEN due_at
+                               ELSE now() + make_interval(mins => %(retry)s) END,
+                 done_at = CASE WHEN attempts >= %(max)s THEN now() END,
+                 claimed_at = NULL, agent_endpoint = NULL, connected_at = NULL, last_result = %(result)s
+               WHERE id = %(id)s AND status = 'in_progress' AND (%(attempt)s::int IS NULL OR attempts = %(attempt)s)
+               RETURNING status""",
+            {"max": config.callbacks.max_attempts, "retry": config.callbacks.retry_minutes, "result": result,
+             "id": request_id, "attempt": attempt})).fetchone()
+    return row["status"] if row else None
+
+
+async def connected(pool: AsyncConnectionPool, request_id: int, endpoint: str) -> Request | None:
+    """The agent answered (called by the flow): the request is the flow's now. None if it is not ours."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            """UPDATE callback_requests r SET connected_at = COALESCE(connected_at, now())
+               WHERE id = %s AND status = 'in_progress' AND agent_endpoint = %s
+               RETURNING r.id, r.phone, r.status, r.attempts, r.agent_endpoint,
+                         (SELECT name FROM groups g WHERE g.id = r.group_id) AS group_name""",
+            (request_id, endpoint))).fetchone()
+    if row is None:
+        return None
+    return Request(row["id"], row["phone"], row["status"], row["attempts"], row["group_name"],
+                   row["agent_endpoint"])
+
+
+async def complete(pool: AsyncConnectionPool, request_id: int) -> bool:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """UPDATE callback_requests SET status = 'done', done_at = now(), last_result = 'answered'
+               WHERE id = %s AND status = 'in_progress'""", (request_id,))
+        return cur.rowcount == 1
+
+
+async def reconcile(pool: AsyncConnectionPool, config: Config, *, ring_grace: float | None = None,
+                    call_grace: float | None = None) -> list[int]:
+    """Give back requests stuck in_progress by a crash: not connected after the ring time (+ grace), or
+    connected for longer than a call may last. Returns their ids."""
+    ring = ring_grace if ring_grace is not None else config.callbacks.agent_ring_seconds + RING_GRACE_SECONDS
+    talk = call_grace if call_grace is not None else config.agi.max_call_seconds + RING_GRACE_SECONDS
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(
+            """UPDATE callback_requests SET
+                 status = CASE WHEN attempts >= %(max)s THEN 'failed' ELSE 'pending' END,
+                 done_at = CASE WHEN attempts >= %(max)s THEN now() END,
+                 due_at = now(), claimed_at = NULL, agent_endpoint = NULL, connected_at = NULL,
+                 last_result = 'stale'
+               WHERE status = 'in_progress' AND (claimed_at IS NULL
+                     OR (connected_at IS NULL AND claimed_at < now() - make_interval(secs => %(ring)s))
+                     OR connected_at < now() - make_interval(secs => %(talk)s))
+               RETURNING id""",
+            {"max": config.callbacks.max_attempts, "ring": ring, "talk": talk})).fetchall()
+    ids = [r["id"] for r in rows]
+    if ids:
+        log.warning("callback requests stuck in progress given back: %s", ids)
+    return ids
+
+
+async def run_forever(pool: AsyncConnectionPool, config: Config, ami: Ami) -> None:
+    """Every poll_seconds: reconcile, then offer due requests. Rounds overlap (an agent ringing for 20 s
+    does not hold back the others); claims keep them apart."""
+    rounds: set[asyncio.Task] = set()
+    try:
+        while True:
+            try:
+                await reconcile(pool, config)
+                if len(rounds) < 10:
+                    task = asyncio.create_task(offer_due(pool, config, ami), name="callback-offers")
+                    rounds.add(task)
+                    task.add_done_callback(_round_done(rounds))
+            except Exception:
+                log.exception("callback worker round failed")
+            await asyncio.sleep(config.callbacks.poll_seconds)
+    finally:
+        for task in rounds:
+            task.cancel()
+
+
+def _round_done(rounds: set[asyncio.Task]):
+    def done(task: asyncio.Task) -> None:
+        rounds.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("callback offers failed", exc_info=task.exception())
+    return done
+
+
+async def serve_callbacks(pool: AsyncConnectionPool, config: Config) -> None:
+    """The entry point for `shopcall serve`: connect to AMI (retrying), then run the worker until cancelled."""
+    ast = config.asterisk
+    if not config.callbacks.enabled or not ast.ami_secret:
+        log.info("callback worker off (callbacks.enabled=%s, asterisk.ami_secret %s)",
+                 config.callbacks.enabled, "set" if ast.ami_secret else "empty")
+        return
+    ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+    delay = 1.0
+    while True:
+        try:
+            await ami.connect()
+            break
+        except (OSError, TimeoutError, AmiError) as exc:
+            log.error("AMI at %s:%s unavailable (%s); retrying in %.0f s", ast.ami_host, ast.ami_port, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+    try:
+        await run_forever(pool, config, ami)
+    finally:
+        await ami.close()

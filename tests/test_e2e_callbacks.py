@@ -1,0 +1,193 @@
+"""End to end: a pending callback request → the worker (in this process, with agi.ami against the real
+Asterisk) rings agent1's SIPp phone → it answers → the callback flow in `shopcall serve` says the number
+and dials the customer through the "trunk" (another SIPp phone) → the customer answers → request done."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from agi.ami import AmiClient
+from shopcall import callbacks, db
+from shopcall.config import AsteriskConfig, CallbacksConfig, Config
+from tests.pbx import DEFAULT_ROOT, AsteriskPbx, SippAgent, free_sip_port, root_is_ready
+from tests.test_e2e_inbound import DIRECTORY, Shopcall, free_tcp_port
+
+pytestmark = pytest.mark.slow
+
+CUSTOMER = "+79161234567"
+
+
+@pytest.fixture(scope="module")
+def cb_stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
+    if not root_is_ready(DEFAULT_ROOT):
+        if os.environ.get("SHOPCALL_REQUIRE_PBX"):
+            pytest.fail(f"no Asterisk root at {DEFAULT_ROOT}: run scripts/build-asterisk-root.sh")
+        pytest.skip(f"no Asterisk root at {DEFAULT_ROOT} (tests/run.sh builds it)")
+    work = tmp_path_factory.mktemp("e2e-callbacks")
+    data = work / "shopcall"
+    data.mkdir()
+    agi_port = free_tcp_port()
+    config = work / "shopcall.toml"
+    config.write_text(f"""
+[shop]
+name = "Тест"
+[paths]
+data_dir = "{data}"
+[database]
+url = "{pg_url}"
+[agi]
+port = {agi_port}
+[log]
+level = "DEBUG"
+""", encoding="utf-8")
+    app = Shopcall(config, work / "shopcall.log", agi_port)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("""TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members,
+                        groups, employees, schedules RESTART IDENTITY CASCADE""")
+    app.cli("db", "load", str(DIRECTORY))
+    include = data / "asterisk-shopcall.conf"
+    app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
+    app.start()
+    # "trunk" is an endpoint like the agents': PJSIP/{number}@trunk sends the INVITE to its SIPp phone
+    pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data],
+                      agents={"agent1": free_sip_port(), "trunk": free_sip_port()},
+                      dialplan=f'#include "{include}"\n', sip_debug=True)
+    try:
+        pbx.start()
+    except Exception:
+        app.stop()
+        raise
+    try:
+        yield {"pbx": pbx, "app": app, "url": pg_url, "work": work}
+    finally:
+        pbx.stop()
+        app.stop()
+
+
+@pytest.fixture
+async def worker(cb_stack) -> AsyncIterator[tuple]:
+    pbx = cb_stack["pbx"]
+    config = dataclasses.replace(
+        Config.default(),
+        asterisk=AsteriskConfig(ami_port=pbx.ami_port, ami_user=pbx.ami_user, ami_secret=pbx.ami_secret),
+        callbacks=CallbacksConfig(agent_ring_seconds=10, customer_ring_seconds=10),
+    )
+    ami = AmiClient("127.0.0.1", pbx.ami_port, pbx.ami_user, pbx.ami_secret, timeout=5.0)
+    await ami.connect()
+    async with db.open_pool(cb_stack["url"], min_size=1, max_size=4) as pool:
+        yield pool, config, ami
+    await ami.close()
+
+
+@pytest.fixture
+def dbc(cb_stack) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(cb_stack["url"], autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("TRUNCATE callback_requests, calls RESTART IDENTITY CASCADE")
+        yield conn
+
+
+def wait_for(fn, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+async def test_agent_answers_then_customer_answers_request_done(cb_stack, worker, dbc):
+    pool, config, ami = worker
+    work = cb_stack["work"]
+    agent = SippAgent("agent1", cb_stack["pbx"].agents["agent1"], work_dir=work, answer_after=0.5)
+    customer = SippAgent("trunk", cb_stack["pbx"].agents["trunk"], work_dir=work, answer_after=0.5,
+                         hangup_after=2.0)
+    await agent.start()
+    await customer.start()
+    try:
+        rid = dbc.execute(
+            """INSERT INTO callback_requests (phone, group_id, reason)
+               VALUES (%s, (SELECT id FROM groups WHERE name = 'sales'), 'no_answer') RETURNING id""",
+            (CUSTOMER,)).fetchone()["id"]
+        assert await ami.device_state("PJSIP/agent1") == "NOT_INUSE"
+        offers = await callbacks.offer_due(pool, config, ami)
+        assert [(o.request_id, o.endpoint) for o in offers] == [(rid, "agent1")], explain(cb_stack, agent)
+        await customer.wait_for("HANGUP", timeout=30)
+        await agent.wait_for("HANGUP", timeout=10)
+
+        def settled():
+            row = dbc.execute("SELECT * FROM callback_requests WHERE id = %s", (rid,)).fetchone()
+            return row if row["status"] != "in_progress" else None
+
+        row = wait_for(settled)
+        assert row and (row["status"], row["attempts"], row["last_result"]) == ("done", 1, "answered"), (
+            explain(cb_stack, agent, customer))
+        call = dbc.execute("SELECT c.*, e.endpoint AS agent FROM calls c "
+                           "LEFT JOIN employees e ON e.id = c.answered_by").fetchone()
+        assert (call["direction"], call["outcome"], call["agent"], call["dialled_number"]) == (
+            "outbound", "answered", "agent1", CUSTOMER)
+        assert (agent.invites_received(), agent.answered()) == (1, 1)
+        assert (customer.invites_received(), customer.answered()) == (1, 1)
+        # the trunk got the customer's number in the request URI
+        assert f"INVITE sip:{CUSTOMER}@" in customer.messages_file.read_text(errors="replace")
+    finally:
+        await agent.stop()
+        await customer.stop()
+
+
+async def test_agent_does_not_answer_request_back_to_pending(cb_stack, worker, dbc):
+    pool, config, ami = worker
+    config = dataclasses.replace(config, callbacks=CallbacksConfig(agent_ring_seconds=2))
+    agent = SippAgent("agent1", cb_stack["pbx"].agents["agent1"], work_dir=cb_stack["work"], answer_after=None)
+    await agent.start()
+    try:
+        rid = dbc.execute("INSERT INTO callback_requests (phone, reason) VALUES (%s, 'no_answer') RETURNING id",
+                          (CUSTOMER,)).fetchone()["id"]
+        [offer] = await callbacks.offer_due(pool, config, ami)
+        assert offer.endpoint == "agent1"
+        row = dbc.execute("SELECT * FROM callback_requests WHERE id = %s", (rid,)).fetchone()
+        assert (row["status"], row["attempts"], row["last_result"]) == ("pending", 1, "agent_no_answer"), (
+            explain(cb_stack, agent))
+        assert row["due_at"] > row["created_at"]
+        await agent.wait_for("CANCELLED")
+        assert agent.invites_received() == 1
+    finally:
+        await agent.stop()
+
+
+async def test_customer_does_not_answer_request_back_to_pending(cb_stack, worker, dbc):
+    pool, config, ami = worker
+    config = dataclasses.replace(config, callbacks=CallbacksConfig(agent_ring_seconds=10, customer_ring_seconds=3))
+    agent = SippAgent("agent1", cb_stack["pbx"].agents["agent1"], work_dir=cb_stack["work"], answer_after=0.5)
+    customer = SippAgent("trunk", cb_stack["pbx"].agents["trunk"], work_dir=cb_stack["work"], answer_after=None)
+    await agent.start()
+    await customer.start()
+    try:
+        rid = dbc.execute("INSERT INTO callback_requests (phone, reason) VALUES (%s, 'no_answer') RETURNING id",
+                          (CUSTOMER,)).fetchone()["id"]
+        [offer] = await callbacks.offer_due(pool, config, ami)
+        assert offer.endpoint == "agent1"
+        await customer.wait_for("CANCELLED", timeout=30)
+        await agent.wait_for("HANGUP", timeout=20)  # after "the customer did not answer"
+        row = wait_for(lambda: (r := dbc.execute("SELECT * FROM callback_requests WHERE id = %s",
+                                                 (rid,)).fetchone())["status"] != "in_progress" and r)
+        assert row and (row["status"], row["attempts"], row["last_result"]) == (
+            "pending", 1, "customer_noanswer"), explain(cb_stack, agent, customer)
+        call = wait_for(lambda: dbc.execute("SELECT * FROM calls").fetchone())
+        assert (call["direction"], call["outcome"], call["missed"]) == ("outbound", "callback_no_answer", False)
+    finally:
+        await agent.stop()
+        await customer.stop()
+
+
+def explain(stack, *agents: SippAgent) -> str:
+    return "\n".join([stack["pbx"].rx("dialplan show shopcall-callback"), "--- shopcall log", stack["app"].log_tail(40), "--- asterisk log",
+                      stack["pbx"].log_tail(40), *[a.log_tail(20) for a in agents]])
+
+
