@@ -12,7 +12,6 @@ Entry point: `runner = await start_api(config, pool)`; `await runner.stop()`.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from shopcall import stats
 from shopcall.call import check_endpoint
+from shopcall.config import is_loopback
 from shopcall.directory import Directory, Menu
 from shopcall.listener import parse_allow, peer_allowed
 from shopcall.phone import to_e164
@@ -388,15 +388,6 @@ def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
     return app
 
 
-def _is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass
 class ApiRunner:
     runner: web.AppRunner
@@ -410,7 +401,7 @@ class ApiRunner:
 async def start_api(config: Any, pool: AsyncConnectionPool) -> ApiRunner:
     """Listen on api.listen:api.port. Raises ApiStartError when that would expose the API unguarded."""
     api = config.api
-    if not _is_loopback(api.listen) and not api.allow:
+    if not is_loopback(api.listen) and not api.allow:
         raise ApiStartError(f"api.listen = {api.listen!r} is not a loopback address and api.allow is empty: "
                             "list the networks that may use the API in api.allow, or listen on 127.0.0.1")
     if not api.tokens:

@@ -235,7 +235,7 @@ class AgiConfig:
 
     @property
     def listen_is_loopback(self) -> bool:
-        return _is_loopback(self.listen)
+        return is_loopback(self.listen)
 
 
 @dataclass(frozen=True)
@@ -567,7 +567,8 @@ def _closest(word: str, choices: Iterable[str]) -> str | None:
     return found[0] if found else None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback address: listening there needs no allow-list."""
     if host.strip().lower() == "localhost":
         return True
     try:
@@ -688,7 +689,7 @@ class _Loader:
         agi = self.values["agi"]
         if not self.bad & {("agi", "listen"), ("agi", "allow")}:
             listen = agi.get("listen", "127.0.0.1")
-            if not _is_loopback(listen) and not agi.get("allow"):
+            if not is_loopback(listen) and not agi.get("allow"):
                 where = self.origins.get(("agi", "allow")) or self.origins[("agi", "listen")]
                 self.problem(
                     where,
