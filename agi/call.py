@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from agi.protocol import command, quote
@@ -18,7 +18,6 @@ from shopcall.call import (
     DialStrategy,
     RecordResult,
     SoundSource,
-    check_endpoint,
     check_number,
     check_var_name,
 )
@@ -101,17 +100,9 @@ class AgiCall(Call):
         digits = reply.result if reply.result and not reply.result.startswith("-") else ""
         return digits or None
 
-    async def dial(
-        self,
-        endpoints: Sequence[str],
-        *,
-        strategy: DialStrategy = DialStrategy.RINGALL,
-        timeout: int = 20,
-        caller_name: str | None = None,
+    async def ring(
+        self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None
     ) -> DialResult:
-        names = [check_endpoint(e) for e in endpoints]
-        if not names:
-            return DialResult(DialStatus.FAILED, detail="no endpoints")
         if caller_name is not None:
             await self.set_var("CALLERID(name)", caller_name)
         if strategy == DialStrategy.RINGALL:

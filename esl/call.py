@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from agi.call import sound_seconds
@@ -34,7 +34,6 @@ from shopcall.call import (
     DialStrategy,
     RecordResult,
     SoundSource,
-    check_endpoint,
 )
 
 log = logging.getLogger("shopcall.esl")
@@ -137,17 +136,9 @@ class EslCall(Call):
             return None
         return ev.var(DIGITS_VAR) or None
 
-    async def dial(
-        self,
-        endpoints: Sequence[str],
-        *,
-        strategy: DialStrategy = DialStrategy.RINGALL,
-        timeout: int = 20,
-        caller_name: str | None = None,
+    async def ring(
+        self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None
     ) -> DialResult:
-        names = [check_endpoint(e) for e in endpoints]
-        if not names:
-            return DialResult(DialStatus.FAILED, detail="no endpoints")
         await self._ensure("continue_on_fail", "true")  # a failed bridge must not hang up the caller
         await self._ensure("hangup_after_bridge", "false")  # agent hangs up -> back to the flow
         await self._ensure("ringback", RINGBACK)

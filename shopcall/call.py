@@ -145,7 +145,6 @@ class Call(abc.ABC):
     async def collect(self, sound: Path | None, *, max_digits: int, timeout: float) -> str | None:
         """Play `sound` (interruptible) then wait `timeout` s for up to `max_digits` keys; None on no input."""
 
-    @abc.abstractmethod
     async def dial(
         self,
         endpoints: Sequence[str],
@@ -153,7 +152,19 @@ class Call(abc.ABC):
         strategy: DialStrategy = DialStrategy.RINGALL,
         timeout: int = 20,
         caller_name: str | None = None,
-    ) -> DialResult: ...
+    ) -> DialResult:
+        """Ring our endpoints by name. The names are checked here, once for every PBX, so nothing that is
+        not an endpoint name can reach a dial string."""
+        names = [check_endpoint(e) for e in endpoints]
+        if not names:
+            return DialResult(DialStatus.FAILED, detail="no endpoints")
+        return await self.ring(names, strategy=strategy, timeout=timeout, caller_name=caller_name)
+
+    @abc.abstractmethod
+    async def ring(
+        self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None
+    ) -> DialResult:
+        """Ring validated endpoint names (at least one) with the strategy; the PBX's part of `dial`."""
 
     async def dial_number(self, number: str, *, timeout: int = 30) -> DialResult:
         """Dial an outside number (E.164 or digits) through the PBX's trunk and bridge it to this call;

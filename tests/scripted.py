@@ -68,9 +68,9 @@ class ScriptedCall(Call):
         self._do("collect", sound.name if sound else None, timeout)
         return self.keys.pop(0) if self.keys else None
 
-    async def dial(self, endpoints: Sequence[str], *, strategy: DialStrategy = DialStrategy.RINGALL,
-                   timeout: int = 20, caller_name: str | None = None) -> DialResult:
-        self._do("dial", list(endpoints), str(strategy), timeout)
+    async def ring(self, names: list[str], *, strategy: DialStrategy, timeout: int,
+                   caller_name: str | None) -> DialResult:
+        self._do("dial", list(names), str(strategy), timeout)
         if caller_name is not None:
             self.vars["CALLERID(name)"] = caller_name
         return self.dial_results.pop(0) if self.dial_results else DialResult(DialStatus.NOANSWER)
