@@ -253,14 +253,10 @@ async def test_crlf_in_originate_is_refused_before_sending(peer: FakeAmi, client
 
 @pytest.fixture(scope="module")
 def real_pbx(tmp_path_factory):
-    import os
 
-    from tests.pbx import DEFAULT_ROOT, AsteriskPbx, root_is_ready
+    from tests.pbx import DEFAULT_ROOT, AsteriskPbx, require_asterisk_root
 
-    if not root_is_ready(DEFAULT_ROOT):
-        if os.environ.get("SHOPCALL_REQUIRE_PBX"):
-            pytest.fail(f"no Asterisk root at {DEFAULT_ROOT}")
-        pytest.skip(f"no Asterisk root at {DEFAULT_ROOT} (tests/run.sh builds it)")
+    require_asterisk_root()
     with AsteriskPbx(DEFAULT_ROOT, tmp_path_factory.mktemp("ami"), sip_port=None, ami_port=None) as pbx:
         yield pbx
 

@@ -5,7 +5,6 @@ and dials the customer through the "trunk" (another SIPp phone) → the customer
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,7 +15,13 @@ from psycopg.rows import dict_row
 from agi.ami import AmiClient
 from shopcall import callbacks, db
 from shopcall.config import AsteriskConfig, CallbacksConfig, Config
-from tests.pbx import DEFAULT_ROOT, AsteriskPbx, SippAgent, free_sip_port, root_is_ready
+from tests.pbx import (
+    DEFAULT_ROOT,
+    AsteriskPbx,
+    SippAgent,
+    free_sip_port,
+    require_asterisk_root,
+)
 from tests.test_e2e_inbound import DIRECTORY, Shopcall, free_tcp_port
 
 pytestmark = pytest.mark.slow
@@ -26,10 +31,7 @@ CUSTOMER = "+79161234567"
 
 @pytest.fixture(scope="module")
 def cb_stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
-    if not root_is_ready(DEFAULT_ROOT):
-        if os.environ.get("SHOPCALL_REQUIRE_PBX"):
-            pytest.fail(f"no Asterisk root at {DEFAULT_ROOT}: run scripts/build-asterisk-root.sh")
-        pytest.skip(f"no Asterisk root at {DEFAULT_ROOT} (tests/run.sh builds it)")
+    require_asterisk_root()
     work = tmp_path_factory.mktemp("e2e-callbacks")
     data = work / "shopcall"
     data.mkdir()

@@ -24,7 +24,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from shopcall.db import stop_embedded
-from tests.pbx import DEFAULT_ROOT, AsteriskPbx, root_is_ready
+from tests.pbx import DEFAULT_ROOT, AsteriskPbx, require_asterisk_root
 from tests.pbx.sipp import SippAgent, free_sip_port, place_call
 
 pytestmark = pytest.mark.slow
@@ -87,10 +87,7 @@ class Shopcall:
 
 @pytest.fixture(scope="session")
 def stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
-    if not root_is_ready(DEFAULT_ROOT):
-        if os.environ.get("SHOPCALL_REQUIRE_PBX"):
-            pytest.fail(f"no Asterisk root at {DEFAULT_ROOT}: run scripts/build-asterisk-root.sh")
-        pytest.skip(f"no Asterisk root at {DEFAULT_ROOT} (tests/run.sh builds it)")
+    require_asterisk_root()
     work = tmp_path_factory.mktemp("e2e")
     data = work / "shopcall"
     data.mkdir()

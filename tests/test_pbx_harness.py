@@ -7,7 +7,6 @@ SHOPCALL_REQUIRE_PBX is set (then that is a failure).
 from __future__ import annotations
 
 import asyncio
-import os
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from tests.pbx import (
     SippAgent,
     free_sip_port,
     place_call,
-    root_is_ready,
+    require_asterisk_root,
 )
 
 pytestmark = pytest.mark.slow
@@ -48,11 +47,7 @@ exten => 300,1,GotoIf($["${{PJSIP_HEADER(read,X-Shopcall-Test-Name)}}" = ""]?agi
 
 @pytest.fixture(scope="session")
 def pbx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsteriskPbx]:
-    if not root_is_ready(DEFAULT_ROOT):
-        msg = f"no Asterisk root at {DEFAULT_ROOT}: run scripts/build-asterisk-root.sh {DEFAULT_ROOT}"
-        if os.environ.get("SHOPCALL_REQUIRE_PBX"):
-            pytest.fail(msg + " (SHOPCALL_REQUIRE_PBX is set)")
-        pytest.skip(msg)
+    require_asterisk_root()
     agents = {"agent1": free_sip_port(), "agent2": free_sip_port()}
     work = tmp_path_factory.mktemp("pbx")
     # sip_port/ami_port None: the first free ones from 5060/5038 on (other sessions may run a PBX too).
