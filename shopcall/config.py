@@ -28,6 +28,8 @@ __all__ = [
     "MailConfig",
     "ApiConfig",
     "CallbacksConfig",
+    "DiallerConfig",
+    "WebhooksConfig",
     "RecordingConfig",
     "VoicemailConfig",
     "InboundConfig",
@@ -321,6 +323,40 @@ class CallbacksConfig:
     max_attempts: int = _number(3, int, lo=1)
 
 
+def _check_url(v: str) -> str | None:
+    if not v or re.match(r"^https?://[^\s/]+", v):
+        return None
+    return f"must be an http:// or https:// URL (or empty), not {v!r}"
+
+
+@dataclass(frozen=True)
+class DiallerConfig:
+    """Outbound robot campaigns: who is due, when, and how fast (the campaign rows hold per-campaign caps)."""
+
+    enabled: bool = _setting(True, bool, "true or false")
+    poll_seconds: float = _number(2.0, float)
+    batch: int = _number(50, int, lo=1, hi=10000)  # jobs claimed per round at most
+    # an attempt still "dialling" this long after its ring time, with no channel on the PBX, was lost
+    lost_grace_seconds: int = _number(60, int, lo=1)
+    answer_timeout: float = _number(10.0, float)  # the robot waits this long for a key
+    # campaign caller IDs and delays are in the campaign rows; this is the default calling window's zone
+    # for numbers whose zone phonenumbers cannot tell (a Russian mobile spans eleven zones)
+    default_timezone: str = _setting("", str, "a zoneinfo name or empty (shop.timezone)",
+                                     lambda v: None if not v else _check_timezone(v))
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """Results of robot calls (and product links) to the shop's URLs, HMAC-SHA256 signed."""
+
+    results_url: str = _setting("", str, "an http(s) URL or empty", _check_url)
+    messages_url: str = _setting("", str, "an http(s) URL or empty", _check_url)  # SMS/WhatsApp gateway
+    secret: str = _setting("", str, "a string", repr=False)
+    timeout: float = _number(10.0, float)
+    poll_seconds: float = _number(2.0, float)
+    max_backoff_seconds: int = _number(3600, int, lo=1)
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     listen: str = _setting("127.0.0.1", str, "a non-empty address", _nonempty)
@@ -381,6 +417,8 @@ _SECTIONS: dict[str, type] = {
     "recording": RecordingConfig,
     "callbacks": CallbacksConfig,
     "api": ApiConfig,
+    "dialler": DiallerConfig,
+    "webhooks": WebhooksConfig,
     "mail": MailConfig,
     "voicemail": VoicemailConfig,
     "log": LogConfig,
@@ -404,6 +442,8 @@ class Config:
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    dialler: DiallerConfig = field(default_factory=DiallerConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     mail: MailConfig = field(default_factory=MailConfig)
     voicemail: VoicemailConfig = field(default_factory=VoicemailConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -17,7 +17,9 @@ from shopcall import db
 
 TESTS = Path(__file__).resolve().parent
 WIPE = """TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members, groups,
-          employees, schedules RESTART IDENTITY CASCADE"""
+          employees, schedules, dial_attempts, dial_jobs, events, webhook_outbox, consents, do_not_call,
+          stock_subscriptions, scripts, campaigns RESTART IDENTITY CASCADE;
+          INSERT INTO campaigns SELECT * FROM test_campaigns_seed"""
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +40,9 @@ def pg_server() -> Iterator[dict]:
     import asyncio
 
     asyncio.run(db.migrate_url(url))
+    with psycopg.connect(url, autocommit=True) as conn:
+        # the campaigns the migrations seed, restored for every test that wipes the tables
+        conn.execute("CREATE TABLE test_campaigns_seed AS SELECT * FROM campaigns")
     yield {"url": url, "pgdata": pgdata, "server": server}
     if pgdata is not None:
         db.stop_embedded(pgdata)
