@@ -313,18 +313,24 @@ class AmiClient:
         variables: Mapping[str, object] | None = None,
         caller_id: str | None = None,
         timeout: float | None = None,
+        action_id: str | None = None,
+        channel_id: str | None = None,
     ) -> OriginateResult:
         """Place a call (always Async) and wait for its OriginateResponse: answered or why not.
 
         AmiConnectionLost / AmiTimeout mean the outcome is unknown: the call may be ringing. It is not
-        re-sent; the caller decides (shopcall.callbacks leaves the request for reconciliation)."""
+        re-sent; the caller decides (shopcall.callbacks leaves the request for reconciliation).
+        `action_id` lets the caller record the id before sending; `channel_id` sets the new channel's
+        uniqueid, so a restarted dialler can ask the PBX whether that call still exists."""
         headers: dict[str, object] = {
             "Channel": channel, "Context": context, "Exten": exten, "Priority": priority,
             "Timeout": int(ring_seconds * 1000), "Async": "true",
         }
         if caller_id is not None:
             headers["CallerID"] = caller_id
-        action_id = self._next_id()
+        if channel_id is not None:
+            headers["ChannelId"] = channel_id
+        action_id = action_id or self._next_id()
         data = encode_action("Originate", action_id, headers, variables)
         wait = self.timeout if timeout is None else timeout
         await self.wait_connected(wait)
@@ -352,6 +358,11 @@ class AmiClient:
         if msg.get("Response") != "Success":
             return None
         return msg.get("Value")
+
+    async def channel_exists(self, channel: str) -> bool:
+        """Is there a live channel of this name or uniqueid (Asterisk looks channels up by both)?"""
+        msg = await self.action("Getvar", {"Channel": channel, "Variable": "CHANNEL(state)"}, check=False)
+        return msg.get("Response") == "Success"
 
     async def device_state(self, device: str) -> str:
         """NOT_INUSE, INUSE, RINGING, UNAVAILABLE, UNKNOWN, ... for e.g. PJSIP/agent1."""

@@ -370,6 +370,17 @@ OPENAPI: dict[str, Any] = {
 }
 
 
+def _outbound_paths() -> dict:
+    from shopcall import api_outbound
+
+    return api_outbound.openapi_paths(_err, _ok, _AUTH_ERRORS)
+
+
+OPENAPI["paths"].update(_outbound_paths())
+OPENAPI["info"]["description"] = ("A shop's call centre on its own PBX: statistics, agents, call history, "
+                                  "events for robot campaigns, their scripts and results.")
+
+
 # --------------------------------------------------------------------------- start/stop
 
 
@@ -385,6 +396,9 @@ def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
     app.router.add_get("/api/v1/calls", list_calls)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
+    from shopcall import api_outbound
+
+    api_outbound.register(app)
     return app
 
 

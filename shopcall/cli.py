@@ -28,8 +28,18 @@ def _parser() -> argparse.ArgumentParser:
                    "./shopcall.toml, /etc/shopcall/shopcall.toml)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("serve", help="run the FastAGI server (and, as they land, ESL, API, dialler)")
+    s = sub.add_parser("serve", help="run FastAGI (Asterisk), ESL (FreeSWITCH), the HTTP API and the dialler")
     s.add_argument("--only", choices=("agi", "esl", "api", "dialler"), help="run one part only")
+
+    im = sub.add_parser("import", help="load contacts (phone, name, segment, consent, ...) from a CSV file")
+    im.add_argument("file", type=Path)
+    im.add_argument("--region", help="country of numbers written without +country (default: shop.country)")
+
+    dn = sub.add_parser("dnc", help="the do-not-call list: add, remove, list")
+    dn.add_argument("action", choices=("add", "remove", "list"))
+    dn.add_argument("phone", nargs="?")
+
+    sub.add_parser("campaigns", help="campaigns and their jobs by status")
 
     sub.add_parser("check-config", help="say what is wrong with the configuration, with line and key")
 
@@ -145,6 +155,17 @@ async def _run(args: argparse.Namespace, config) -> int:
 
     if args.cmd == "agent":
         return await _agent(config, args.action, args.endpoint)
+
+    if args.cmd in ("import", "dnc", "campaigns"):
+        from shopcall import outreach_cli
+
+        url = await db.resolve_url(config.database.url, config.pgdata)
+        async with db.open_pool(url, min_size=1, max_size=2) as pool:
+            if args.cmd == "import":
+                return await outreach_cli.import_file(pool, args.file, args.region or config.shop.country)
+            if args.cmd == "dnc":
+                return await outreach_cli.dnc(pool, args.action, args.phone, config.shop.country)
+            return await outreach_cli.campaigns(pool)
 
     if args.cmd == "render-dialplan":
         from shopcall.dialplan import fallback_group, fallback_members, render

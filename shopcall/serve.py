@@ -17,7 +17,7 @@ from shopcall.flows import load_all
 log = logging.getLogger("shopcall.serve")
 
 PARTS = ("agi", "esl", "api", "dialler")
-AVAILABLE = ("agi", "esl", "api")  # the others arrive with their issues (outbound campaigns)
+AVAILABLE = PARTS
 
 
 class PartUnavailable(Exception):
@@ -90,6 +90,12 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         from shopcall import callbacks
 
         background.append(asyncio.create_task(callbacks.serve_callbacks(pool, config), name="callback-worker"))
+    if "dialler" in parts:
+        background.append(asyncio.create_task(serve_dialler(pool, config), name="dialler"))
+    if {"dialler", "api", "agi"} & set(parts):  # results of robot calls and product links to the shop
+        from shopcall import webhooks
+
+        background.append(asyncio.create_task(webhooks.run_forever(pool, config), name="webhooks"))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -112,6 +118,37 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         if app.tasks:  # voicemails being stored: let them finish (each is spooled if the DB is gone)
             await asyncio.wait(app.tasks, timeout=30)
         await pool.close()
+
+
+async def serve_dialler(pool, config: Config) -> None:
+    """The dialler with a connection to each PBX that is configured (AMI needs asterisk.ami_secret)."""
+    from shopcall.dialler import Dialler
+
+    if not config.dialler.enabled:
+        log.info("dialler off (dialler.enabled = false)")
+        return
+    ast = config.asterisk
+    if not ast.ami_secret:
+        log.info("dialler off: asterisk.ami_secret is empty (the dialler originates through AMI)")
+        return
+    from agi.ami import AmiClient, AmiError
+    from agi.originator import AsteriskOriginator
+
+    ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+    delay = 1.0
+    while True:
+        try:
+            await ami.connect()
+            break
+        except (OSError, TimeoutError, AmiError) as exc:
+            log.error("dialler: AMI at %s:%s unavailable (%s); retrying in %.0f s", ast.ami_host, ast.ami_port,
+                      exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+    try:
+        await Dialler(pool, config, {"asterisk": AsteriskOriginator(ami, config)}).run_forever()
+    finally:
+        await ami.close()
 
 
 async def _every(seconds: float, fn, *args) -> None:

@@ -80,11 +80,13 @@ def money_text(amount: Decimal | int | float, currency: str = "RUB", lang: str =
     return text
 
 
-def date_text(d: date, lang: str, with_year: bool = False) -> str:
-    """ "двадцать пятое ноября [две тысячи двадцать шестого года]" / "November twenty-fifth[, 2026 in words]"."""
+def date_text(d: date, lang: str, with_year: bool = False, case: str = "n") -> str:
+    """ "двадцать пятое ноября [две тысячи двадцать шестого года]" / "November twenty-fifth[, 2026 in words]".
+    `case` "g" gives the Russian genitive that follows "до" ("до десятого декабря")."""
     _check_lang(lang)
     if lang == "ru":
-        text = f"{num2words(d.day, lang='ru', to='ordinal', gender='n')} {_MONTHS_RU_GENITIVE[d.month - 1]}"
+        day = num2words(d.day, lang="ru", to="ordinal", gender="n", **({"case": case} if case != "n" else {}))
+        text = f"{day} {_MONTHS_RU_GENITIVE[d.month - 1]}"
         if with_year:
             text += f" {num2words(d.year, lang='ru', to='ordinal', case='g')} года"
         return text

@@ -101,9 +101,9 @@ async def test_render_dialplan_for_freeswitch_hands_calls_to_the_socket_then_the
     assert ("set", "shopcall_arg_action=login") in actions("shopcall-agents", "shopcall-agent-login")
 
 
-def test_serve_refuses_parts_that_do_not_exist_yet(config):
-    out = shopcall("serve", "--only", "dialler", config=config)
-    assert out.returncode == 2 and "not built yet" in out.stderr
+def test_serve_refuses_parts_that_do_not_exist(config):
+    out = shopcall("serve", "--only", "fax", config=config)
+    assert out.returncode == 2 and "invalid choice: 'fax'" in out.stderr
 
 
 async def test_loader_rejects_a_menu_naming_an_unknown_group_and_loads_nothing(conn, tmp_path):

@@ -1,0 +1,300 @@
+"""The HTTP API of outbound campaigns: events in, call history out, campaigns and scripts the shop edits.
+
+Registered by shopcall.api.build_app; errors and auth are its middlewares'. Every body is validated with
+a 4xx that names the field; nothing the shop sends reaches SQL but as a parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from psycopg.types.json import Jsonb
+
+from shopcall import events, scripts
+from shopcall.campaigns import SCENARIOS
+from shopcall.hours import parse_weekly
+from shopcall.phone import to_e164
+
+log = logging.getLogger("shopcall.api")
+
+HISTORY_LIMIT_MAX = 500
+
+
+def _keys():  # late import: shopcall.api imports this module
+    from shopcall import api
+
+    return api
+
+
+async def _body(request: web.Request) -> Any:
+    api = _keys()
+    try:
+        return await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise api.ApiError(400, "the body is not valid JSON") from None
+
+
+async def post_event(request: web.Request) -> web.StreamResponse:
+    api = _keys()
+    api._query(request, set())
+    body = await _body(request)
+    try:
+        outcome = await events.ingest(request.app[api.POOL], body, region=request.app[api.CONFIG].shop.country,
+                                      now=datetime.now(UTC))
+    except events.EventError as exc:
+        raise api.ApiError(exc.status, str(exc), {"field": exc.field}) from None
+    return api._json({"event_id": outcome.event_id, "duplicate": outcome.duplicate, "result": outcome.result},
+                     200 if outcome.duplicate else 201)
+
+
+_HISTORY = """
+SELECT j.id, j.campaign, c.scenario, j.phone, j.order_number, j.sku, j.status, j.result, j.reason,
+       j.attempts, j.due_at, j.created_at, j.finished_at,
+       COALESCE((SELECT jsonb_agg(jsonb_build_object(
+                   'attempt', a.number, 'started_at', a.started_at, 'answered_at', a.answered_at,
+                   'ended_at', a.ended_at, 'outcome', a.outcome, 'result', a.result, 'uniqueid', a.uniqueid)
+                 ORDER BY a.number) FROM dial_attempts a WHERE a.job_id = j.id), '[]') AS attempts_log
+  FROM dial_jobs j JOIN campaigns c ON c.name = j.campaign
+ WHERE (%(phone)s::text IS NULL OR j.phone = %(phone)s) AND (%(order)s::text IS NULL OR j.order_number = %(order)s)
+ ORDER BY j.created_at DESC, j.id DESC LIMIT %(limit)s
+"""
+
+
+async def get_history(request: web.Request) -> web.StreamResponse:
+    """Robot calls about a contact or an order, newest first, each with its dial attempts."""
+    api = _keys()
+    q = api._query(request, {"phone", "order", "limit"})
+    phone = q.get("phone")
+    order = q.get("order")
+    if not phone and not order:
+        raise api.ApiError(400, "give phone or order", {"parameter": "phone"})
+    e164 = None
+    if phone:
+        e164 = to_e164(phone, request.app[api.CONFIG].shop.country)
+        if e164 is None:
+            raise api.ApiError(400, f"phone: not a phone number: {phone[:40]!r}", {"parameter": "phone"})
+    if order is not None and not 0 < len(order) <= 100:
+        raise api.ApiError(400, "order: expected 1..100 characters", {"parameter": "order"})
+    limit = api._int_param(q, "limit", 50, 1, HISTORY_LIMIT_MAX)
+    async with request.app[api.POOL].connection() as conn:
+        rows = await (await conn.execute(_HISTORY, {"phone": e164, "order": order, "limit": limit})).fetchall()
+    return api._json({"phone": e164, "order": order, "jobs": [dict(r) for r in rows]})
+
+
+# --------------------------------------------------------------------------- campaigns
+
+_EDITABLE: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "enabled": (bool, None), "caller_id": ((str, type(None)), None), "group_name": ((str, type(None)), None),
+    "settings": (dict, None), "max_concurrent": (int, (1, 1000)), "calls_per_second": ((int, float), (0.01, 500)),
+    "max_attempts": (int, (1, 20)), "max_attempts_per_day": (int, (1, 20)), "retry_minutes": (dict, None),
+    "ring_seconds": (int, (5, 120)), "amd": (bool, None), "calling_window": (dict, None),
+    "pbx": (str, None),
+}
+_CAMPAIGN_COLUMNS = ("name", "scenario", "purpose", *(_EDITABLE))
+
+
+async def list_campaigns(request: web.Request) -> web.StreamResponse:
+    api = _keys()
+    api._query(request, set())
+    async with request.app[api.POOL].connection() as conn:
+        rows = await (await conn.execute(
+            f"SELECT {', '.join(_CAMPAIGN_COLUMNS)} FROM campaigns ORDER BY name")).fetchall()
+    return api._json({"campaigns": [dict(r) for r in rows]})
+
+
+def _check_campaign_field(key: str, value: Any) -> None:
+    api = _keys()
+    kind, bounds = _EDITABLE[key]
+    if isinstance(value, bool) and kind is not bool:
+        raise api.ApiError(422, f"{key}: wrong type", {"field": key})
+    if not isinstance(value, kind):
+        raise api.ApiError(422, f"{key}: wrong type", {"field": key})
+    if bounds and not bounds[0] <= value <= bounds[1]:
+        raise api.ApiError(422, f"{key}: must be between {bounds[0]} and {bounds[1]}", {"field": key})
+    if key == "calling_window":
+        try:
+            parse_weekly(value)
+        except ValueError as exc:
+            raise api.ApiError(422, f"calling_window: {exc}", {"field": key}) from None
+    if key == "retry_minutes" and any(
+            not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v <= 100000 for v in value.values()):
+        raise api.ApiError(422, "retry_minutes: each value is a number of minutes > 0", {"field": key})
+    if key == "caller_id" and value is not None and to_e164(value, "RU") is None and not value.isdigit():
+        raise api.ApiError(422, "caller_id: not a phone number", {"field": key})
+    if key == "pbx" and value not in ("asterisk", "freeswitch"):
+        raise api.ApiError(422, "pbx: asterisk or freeswitch", {"field": key})
+
+
+async def patch_campaign(request: web.Request) -> web.StreamResponse:
+    api = _keys()
+    api._query(request, set())
+    name = request.match_info["name"]
+    body = await _body(request)
+    if not isinstance(body, dict) or not body:
+        raise api.ApiError(422, "the body must be a JSON object of fields to change",
+                           {"allowed": sorted(_EDITABLE)})
+    unknown = sorted(set(body) - set(_EDITABLE))
+    if unknown:
+        raise api.ApiError(422, f"unknown field {unknown[0]!r}", {"field": unknown[0], "allowed": sorted(_EDITABLE)})
+    for key, value in body.items():
+        _check_campaign_field(key, value)
+    values = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in body.items()}
+    sets = ", ".join(f"{k} = %({k})s" for k in values)  # keys from _EDITABLE only
+    async with request.app[api.POOL].connection() as conn, conn.transaction():
+        row = await (await conn.execute(
+            f"UPDATE campaigns SET {sets}, updated_at = now() WHERE name = %(name)s "
+            f"RETURNING {', '.join(_CAMPAIGN_COLUMNS)}", {**values, "name": name})).fetchone()
+        if row is None:
+            raise api.ApiError(404, f"no campaign {name!r}", {"name": name})
+        if row["caller_id"] and row["group_name"]:
+            # a customer who calls the campaign's number back reaches its group (unless the admin routed it)
+            await conn.execute(
+                """INSERT INTO numbers (number, title, group_id)
+                   SELECT %s, %s, id FROM groups WHERE name = %s ON CONFLICT (number) DO NOTHING""",
+                (row["caller_id"], f"campaign {name}", row["group_name"]))
+    log.info("API: campaign %s changed: %s", name, sorted(body))
+    return api._json(dict(row))
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+def _script_params(request: web.Request) -> tuple[str, str, str]:
+    api = _keys()
+    q = api._query(request, {"segment", "language"})
+    scenario = request.match_info["scenario"]
+    if scenario not in SCENARIOS:
+        raise api.ApiError(404, f"no scenario {scenario!r}", {"allowed": list(SCENARIOS)})
+    segment = q.get("segment", "default")
+    if not 0 < len(segment) <= 64 or not segment.isprintable():
+        raise api.ApiError(400, "segment: 1..64 printable characters", {"parameter": "segment"})
+    language = q.get("language", "ru")
+    if language not in scripts.LANGUAGES:
+        raise api.ApiError(400, "language: ru or en", {"parameter": "language"})
+    return scenario, segment, language
+
+
+async def get_scripts(request: web.Request) -> web.StreamResponse:
+    api = _keys()
+    scenario, segment, language = _script_params(request)
+    async with request.app[api.POOL].connection() as conn:
+        parts = await scripts.load(conn, scenario, segment, language)
+    return api._json({"scenario": scenario, "segment": segment, "language": language, "parts": parts,
+                      "variables": sorted({*scripts.COMMON_SAMPLE, *scripts.SAMPLES[scenario]})})
+
+
+async def put_script(request: web.Request) -> web.StreamResponse:
+    api = _keys()
+    scenario, segment, language = _script_params(request)
+    part = request.match_info["part"]
+    body = await _body(request)
+    if not isinstance(body, dict) or set(body) != {"template"} or not isinstance(body["template"], str):
+        raise api.ApiError(422, 'the body must be {"template": "..."}', {"field": "template"})
+    try:
+        sample = scripts.validate(scenario, part, language, body["template"])
+    except scripts.ScriptError as exc:
+        raise api.ApiError(422, f"template: {exc}", {"field": "template"}) from None
+    async with request.app[api.POOL].connection() as conn:
+        await conn.execute(
+            """INSERT INTO scripts (scenario, segment, language, part, template) VALUES (%s, %s, %s, %s, %s)
+               ON CONFLICT (scenario, segment, language, part) DO UPDATE SET template = EXCLUDED.template,
+                   updated_at = now()""", (scenario, segment, language, part, body["template"]))
+    log.info("API: script %s/%s for %s (%s) saved", scenario, part, segment, language)
+    return api._json({"scenario": scenario, "part": part, "segment": segment, "language": language,
+                      "sample": sample})
+
+
+async def delete_script(request: web.Request) -> web.StreamResponse:
+    api = _keys()
+    scenario, segment, language = _script_params(request)
+    part = request.match_info["part"]
+    async with request.app[api.POOL].connection() as conn:
+        cur = await conn.execute(
+            "DELETE FROM scripts WHERE scenario = %s AND segment = %s AND language = %s AND part = %s",
+            (scenario, segment, language, part))
+    if cur.rowcount == 0:
+        raise api.ApiError(404, "no such script of the shop's own (the default applies)", {"part": part})
+    return api._json({"deleted": True})
+
+
+def register(app: web.Application) -> None:
+    app.router.add_post("/api/v1/events", post_event)
+    app.router.add_get("/api/v1/history", get_history)
+    app.router.add_get("/api/v1/campaigns", list_campaigns)
+    app.router.add_patch("/api/v1/campaigns/{name}", patch_campaign)
+    app.router.add_get("/api/v1/scripts/{scenario}", get_scripts)
+    app.router.add_put("/api/v1/scripts/{scenario}/{part}", put_script)
+    app.router.add_delete("/api/v1/scripts/{scenario}/{part}", delete_script)
+
+
+def openapi_paths(err, ok, auth_errors: dict) -> dict:
+    """The OpenAPI description of the routes above (shopcall.api.OPENAPI merges it)."""
+    obj = {"type": "object"}
+    seg_lang = [{"name": "segment", "in": "query", "schema": {"type": "string", "default": "default"}},
+                {"name": "language", "in": "query", "schema": {"type": "string", "enum": ["ru", "en"]}}]
+    scenario = {"name": "scenario", "in": "path", "required": True, "schema": {"type": "string",
+                                                                              "enum": list(SCENARIOS)}}
+    part = {"name": "part", "in": "path", "required": True, "schema": {"type": "string"}}
+    event_types = sorted(events.SPECS)
+    return {
+        "/api/v1/events": {"post": {
+            "summary": "Tell shopcall what happened; the same idempotency_key twice changes nothing",
+            "description": "Types and their fields: " + "; ".join(
+                f"{t}: {', '.join(k for k in events.SPECS[t] if k not in ('type', 'idempotency_key'))}"
+                for t in event_types),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["type", "idempotency_key"], "properties": {
+                    "type": {"type": "string", "enum": event_types},
+                    "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200}}}}}},
+            "responses": {"201": ok("applied", obj), "200": ok("a repeat: the first result", obj),
+                          "400": err("body not JSON"), "409": err("idempotency key used by another type"),
+                          "413": err("body too large"), "422": err("a field is missing or wrong"), **auth_errors},
+        }},
+        "/api/v1/history": {"get": {
+            "summary": "Robot calls about a contact or an order, with their attempts",
+            "parameters": [{"name": "phone", "in": "query", "schema": {"type": "string"}},
+                           {"name": "order", "in": "query", "schema": {"type": "string"}},
+                           {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                        "maximum": HISTORY_LIMIT_MAX}}],
+            "responses": {"200": ok("the jobs", obj), "400": err("no phone or order, or a bad one"), **auth_errors},
+        }},
+        "/api/v1/campaigns": {"get": {"summary": "Campaigns and their settings",
+                                      "responses": {"200": ok("the campaigns", obj), **auth_errors}}},
+        "/api/v1/campaigns/{name}": {"patch": {
+            "summary": "Change a campaign: caps, retries, window, caller ID, group, settings",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False, "minProperties": 1,
+                "properties": {k: {} for k in _EDITABLE}}}}},
+            "responses": {"200": ok("the campaign", obj), "400": err("body not JSON"), "404": err("no such campaign"),
+                          "413": err("body too large"), "422": err("unknown field or bad value"), **auth_errors},
+        }},
+        "/api/v1/scripts/{scenario}": {"get": {
+            "summary": "The words of a scenario for a segment and language (the shop's or the default)",
+            "parameters": [scenario, *seg_lang],
+            "responses": {"200": ok("the parts", obj), "400": err("bad segment or language"),
+                          "404": err("no such scenario"), **auth_errors},
+        }},
+        "/api/v1/scripts/{scenario}/{part}": {
+            "put": {
+                "summary": "Save a Jinja2 template for a part; it is checked now, not during a call",
+                "parameters": [scenario, part, *seg_lang],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["template"], "additionalProperties": False,
+                    "properties": {"template": {"type": "string", "maxLength": scripts.MAX_TEMPLATE}}}}}},
+                "responses": {"200": ok("saved, with the sample rendering", obj), "400": err("bad parameter"),
+                              "404": err("no such scenario"), "413": err("body too large"),
+                              "422": err("the template does not compile or render"), **auth_errors},
+            },
+            "delete": {
+                "summary": "Go back to the default words for this part",
+                "parameters": [scenario, part, *seg_lang],
+                "responses": {"200": ok("deleted", obj), "400": err("bad parameter"),
+                              "404": err("nothing of the shop's own"), **auth_errors},
+            },
+        },
+    }
