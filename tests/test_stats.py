@@ -36,6 +36,8 @@ async def test_tables_count_what_the_flow_logged(app, conn, pool):
     await make_calls(app)
     await conn.execute("UPDATE calls SET started_at = '2026-11-25 12:00+03', answered_at = "
                        "CASE WHEN outcome = 'answered' THEN '2026-11-25 12:00:20+03'::timestamptz END")
+    # requests are made when the call is saved (now): date them with their calls, as stats count by day
+    await conn.execute("UPDATE callback_requests SET created_at = '2026-11-25 12:00+03'")
     await conn.execute("INSERT INTO survey_answers (call_id, employee_id, answer) SELECT c.id, c.answered_by, 1 "
                        "FROM calls c WHERE c.uniqueid = 's.1'")
     tables = {t.title: t for t in await stats.collect(pool, TODAY, TODAY, "Europe/Moscow")}
