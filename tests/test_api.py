@@ -64,6 +64,7 @@ async def seeded(conn, pool, tmp_path) -> None:
                        "FROM calls c WHERE c.uniqueid = 'a.1'")
     # the callback request is made when the call is saved (now): date it with its call, as stats count by day
     await conn.execute("UPDATE callback_requests SET created_at = %s", (MSK + timedelta(hours=1),))
+    await conn.execute("UPDATE survey_answers SET created_at = %s", (MSK + timedelta(minutes=5),))
 
 
 # --------------------------------------------------------------------------- auth, start

@@ -40,6 +40,7 @@ async def test_tables_count_what_the_flow_logged(app, conn, pool):
     await conn.execute("UPDATE callback_requests SET created_at = '2026-11-25 12:00+03'")
     await conn.execute("INSERT INTO survey_answers (call_id, employee_id, answer) SELECT c.id, c.answered_by, 1 "
                        "FROM calls c WHERE c.uniqueid = 's.1'")
+    await conn.execute("UPDATE survey_answers SET created_at = '2026-11-25 12:05+03'")
     tables = {t.title: t for t in await stats.collect(pool, TODAY, TODAY, "Europe/Moscow")}
     assert tables["Summary"].rows == [(3, 1, 2, stats_decimal("33.3"), stats_decimal("20.0"), 0)]
     assert tables["Missed calls by hour"].rows == [(12, 3, 2)]
