@@ -1,0 +1,269 @@
+"""SIPp as the customers a robot campaign calls: one UAS on the trunk's port that answers every call the
+same way — busy, ringing until the PBX gives up, or answering and pressing keys at set moments (RFC 4733,
+one pcap per key with its own RTP timestamps, see rtp_pcap.py) — and counts INVITEs per dialled number.
+
+    async with Customers("trunk", port, work_dir=tmp, mode="answer", keys=[(8.0, "1")]) as phones:
+        ...                                  # the dialler calls +79161234567 through PJSIP/{number}@trunk
+    phones.invites_by_number()               # {"+79161234567": 1}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from .rtp_pcap import RtpStream, speech_ulaw
+from .sipp import SIPP, SippError, _ms, _read_lines, _render, _tail, _udp_free, free_media_port
+
+Mode = Literal["answer", "busy", "ring"]
+
+_RING = """  <send>
+    <![CDATA[
+      SIP/2.0 180 Ringing
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:customer@[local_ip]:[local_port];transport=[transport]>
+      Content-Length: 0
+    ]]>
+  </send>
+"""
+_CANCELLED = """  <recv request="CANCEL"{timeout}/>
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+    ]]>
+  </send>
+  <send>
+    <![CDATA[
+      SIP/2.0 487 Request Terminated
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      CSeq: [last_cseq_number] INVITE
+      Content-Length: 0
+    ]]>
+  </send>
+  <recv request="ACK" next="end">
+    <action><log message="CANCELLED [call_id]"/></action>
+  </recv>
+"""
+_BUSY = """  <send>
+    <![CDATA[
+      SIP/2.0 486 Busy Here
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+    ]]>
+  </send>
+  <recv request="ACK" next="end">
+    <action><log message="BUSY [call_id]"/></action>
+  </recv>
+"""
+_ANSWER = """  <label id="answer"/>
+  <send retrans="500">
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:customer@[local_ip]:[local_port];transport=[transport]>
+      Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 0 101
+      a=rtpmap:0 PCMU/8000
+      a=rtpmap:101 telephone-event/8000
+      a=fmtp:101 0-15
+      a=sendrecv
+    ]]>
+  </send>
+  <recv request="ACK" rtd="true" crlf="true">
+    <action><log message="ANSWERED [call_id]"/></action>
+  </recv>
+{steps}  <recv request="BYE" timeout="{wait_bye}" ontimeout="customer_bye"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+    ]]>
+  </send>
+  <nop next="end">
+    <action><log message="HANGUP pbx [call_id]"/></action>
+  </nop>
+
+  <label id="customer_bye"/>
+  <send retrans="500">
+    <![CDATA[
+      BYE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: [$local_party];tag=[pid]SIPpTag01[call_number]
+      To: [$remote_party]
+      [last_Call-ID:]
+      CSeq: 2 BYE
+      Contact: <sip:customer@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Length: 0
+    ]]>
+  </send>
+  <recv response="200" crlf="true">
+    <action><log message="HANGUP customer [call_id]"/></action>
+  </recv>
+  <nop next="end"/>
+  <label id="pbx_bye"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+    ]]>
+  </send>
+  <nop next="end">
+    <action><log message="HANGUP pbx [call_id]"/></action>
+  </nop>
+"""
+
+
+class Customers:
+    """mode "answer": ring `ring_seconds`, answer, press `keys` [(seconds after the answer, key)], say
+    `speech` (an answering machine's greeting) right after answering, hang up `hang_up_after` seconds after
+    the last key unless the PBX hangs up first. "busy": 486 at once. "ring": ring until CANCELled."""
+
+    def __init__(self, user: str, port: int, *, work_dir: Path, mode: Mode = "answer", ring_seconds: float = 0.5,
+                 keys: Sequence[tuple[float, str]] = (), hang_up_after: float = 60.0, speech: str | None = None,
+                 media_port: int | None = None) -> None:
+        self.user, self.port, self.mode = user, port, mode
+        self.ring_seconds, self.keys, self.hang_up_after, self.speech = ring_seconds, list(keys), hang_up_after, speech
+        self.media_port = media_port or free_media_port()
+        base = Path(work_dir) / f"customers-{user}-{port}-{int(time.monotonic() * 1000)}"
+        self.base = base
+        self.scenario = base.with_suffix(".xml")
+        self.events_file = Path(f"{base}_events.log")
+        self.messages_file = Path(f"{base}_messages.log")
+        self.errors_file = Path(f"{base}_errors.log")
+        self.stderr_file = Path(f"{base}_stderr.log")
+        self._proc: asyncio.subprocess.Process | None = None
+
+    def render_scenario(self) -> str:
+        if self.mode == "busy":
+            steps = _BUSY
+        elif self.mode == "ring":
+            steps = _RING + _CANCELLED.format(timeout="")
+        else:
+            stream = RtpStream()
+            actions, at = [], 0.0
+            if self.speech:
+                pcap = stream.speech(Path(f"{self.base}-speech.pcap"), speech_ulaw(self.speech))
+                actions.append(f'  <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>\n')
+            for i, (when, key) in enumerate(self.keys):
+                pcap = stream.dtmf(Path(f"{self.base}-key{i}.pcap"), key)
+                actions.append(
+                    f'  <recv request="BYE" timeout="{_ms(max(0.001, when - at))}" ontimeout="key{i}" next="pbx_bye"/>\n'
+                    f'  <label id="key{i}"/>\n'
+                    f'  <nop><action><log message="KEY {key} [call_id]"/><exec play_pcap_audio="{pcap}"/></action></nop>\n')
+                at = when
+            ring = _CANCELLED.format(timeout=f' timeout="{_ms(self.ring_seconds)}" ontimeout="answer"')
+            steps = _RING + ring + _ANSWER.format(steps="".join(actions), wait_bye=_ms(self.hang_up_after))
+        # SIPp refuses variables that are set and never used: From/To are kept only for the customer's BYE
+        parties = "" if self.mode != "answer" else (
+            '      <ereg regexp="[^ ].*" search_in="hdr" header="From:" assign_to="remote_party"/>\n'
+            '      <ereg regexp="[^ ].*" search_in="hdr" header="To:" assign_to="local_party"/>\n')
+        return _render("uas_customer.xml", {"ANSWER_STEPS": steps, "PARTIES": parties})
+
+    async def start(self, timeout: float = 5.0) -> None:
+        if not _udp_free(self.port):
+            raise SippError(f"UDP port {self.port} for the customers is in use")
+        self.scenario.write_text(self.render_scenario(), encoding="utf-8")
+        cmd = [
+            SIPP, "-sf", str(self.scenario), "-i", "127.0.0.1", "-p", str(self.port), "-mp", str(self.media_port),
+            "-nostdin", "-aa", "-trace_logs", "-log_file", str(self.events_file),
+            "-trace_msg", "-message_file", str(self.messages_file), "-trace_err", "-error_file", str(self.errors_file),
+        ]  # fmt: skip
+        with open(self.stderr_file, "wb") as err:
+            self._proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        while _udp_free(self.port):
+            if self._proc.returncode is not None or time.monotonic() > deadline:
+                await self.stop()
+                raise SippError(f"SIPp customers did not start:\n{_tail(self.stderr_file)}")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(proc.wait(), 3)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def __aenter__(self) -> Customers:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def events(self) -> list[str]:
+        return _read_lines(self.events_file)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for line in self.events() if line.split(" ", 1)[0] == kind)
+
+    def invites_by_number(self) -> dict[str, int]:
+        return dict(collections.Counter(line.split()[2] for line in self.events()
+                                        if line.startswith("INVITE ") and len(line.split()) >= 3))
+
+    def hangups(self) -> int:
+        return self.count("HANGUP")
+
+    async def wait_for(self, kind: str, count: int = 1, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self.count(kind)
+            if n >= count or time.monotonic() > deadline:
+                return n
+            await asyncio.sleep(0.1)
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(f"--- {p.name}\n{_tail(p, n)}" for p in (self.messages_file, self.errors_file,
+                                                                  self.stderr_file) if p.exists())
