@@ -152,9 +152,12 @@ async def patch_campaign(request: web.Request) -> web.StreamResponse:
             raise api.ApiError(404, f"no campaign {name!r}", {"name": name})
         if row["caller_id"] and row["group_name"]:
             # a customer who calls the campaign's number back reaches its group (unless the admin routed it)
+            # hours and language as the catch-all "default" number has them, if there is one
             await conn.execute(
-                """INSERT INTO numbers (number, title, group_id)
-                   SELECT %s, %s, id FROM groups WHERE name = %s ON CONFLICT (number) DO NOTHING""",
+                """INSERT INTO numbers (number, title, group_id, schedule_id, language)
+                   SELECT %s, %s, g.id, d.schedule_id, COALESCE(d.language, 'ru')
+                     FROM groups g LEFT JOIN numbers d ON d.number = 'default'
+                    WHERE g.name = %s ON CONFLICT (number) DO NOTHING""",
                 (row["caller_id"], f"campaign {name}", row["group_name"]))
     log.info("API: campaign %s changed: %s", name, sorted(body))
     return api._json(dict(row))
