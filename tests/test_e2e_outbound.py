@@ -442,3 +442,25 @@ async def test_two_dialler_processes_dial_200_contacts_exactly_once(stack, rig, 
         dbc.execute("UPDATE campaigns c SET calling_window = s.calling_window, retry_minutes = s.retry_minutes, "
                     "max_attempts = s.max_attempts FROM test_campaigns_seed s WHERE s.name = c.name")
 
+
+
+async def test_an_answering_machine_is_told_by_amd_and_called_again_later(stack, rig, dbc):
+    """Asterisk's AMD() hears a long greeting with no pause (a machine), the robot says nothing and the
+    attempt is retried after the machine delay."""
+    dbc.execute("UPDATE campaigns SET amd = true WHERE name = 'order_confirmation'")
+    phone = "+79160004001"
+    await send(rig, type="order_created", phone=phone, order_number="amd1", items=[{"name": "Шкаф"}])
+    greeting = ("Hello, you have reached the voice mail of Ivan Petrov. I cannot take your call right now, "
+                "please leave your name, your number and a short message after the tone and I will call you back")
+    [machine] = await customers(stack, ("c_silent", {"speech": greeting, "hang_up_after": 20}))
+    try:
+        [d] = await dial_round(rig, {phone: "c_silent"})
+        job = await wait_for(lambda: (r := dbc.execute("SELECT * FROM dial_jobs WHERE id = %s",
+                                                       (d.job_id,)).fetchone())["status"] == "pending" and r, 60)
+        assert job and job["reason"] == "retry_after_machine", explain(stack, machine)
+        att = dbc.execute("SELECT * FROM dial_attempts WHERE id = %s", (d.attempt_id,)).fetchone()
+        assert att["outcome"] == "machine"
+        assert "AMD" in stack["pbx"].full_log.read_text(errors="replace")
+    finally:
+        await machine.stop()
+        dbc.execute("UPDATE campaigns SET amd = false")
