@@ -309,6 +309,12 @@ class FreeswitchConfig:
     sounds_path: Path | None = _setting(None, str, "a path", final=_path_or_none)
     context: str = _setting("shopcall", str, "a dialplan context name", _check_context_prefix)
     fallback_group: str = _setting("sales", str, "a non-empty group name", _nonempty)
+    # the dialler's originate to a customer through your gateway; dialler_enabled: campaigns with
+    # pbx = "freeswitch" are dialled through the inbound event socket (esl_host:esl_port)
+    trunk_template: str = _setting(
+        "sofia/gateway/trunk/{number}", str, 'a string containing "{number}"',
+        lambda v: None if "{number}" in v else 'must contain "{number}"')
+    dialler_enabled: bool = _setting(False, bool, "true or false")
 
 
 @dataclass(frozen=True)

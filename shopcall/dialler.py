@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -149,9 +149,9 @@ async def _start(conn, job: dict, campaign: Campaign, worker: str, now: datetime
         """UPDATE dial_jobs SET status = 'dialling', attempts = attempts + 1, claimed_at = %s, claimed_by = %s,
                   reason = NULL, updated_at = now()
             WHERE id = %s RETURNING attempts""", (real_now, worker, job["id"]))).fetchone()
-    token = secrets.token_hex(4)
-    action_id = f"shopcall-dial-{job['id']}-{row['attempts']}-{token}"
-    uniqueid = f"shopcall-{job['id']}-{row['attempts']}-{token}"
+    # a UUID: Asterisk takes any ChannelId, FreeSWITCH's origination_uuid must be one
+    uniqueid = str(uuid.uuid4())
+    action_id = f"shopcall-dial-{job['id']}-{row['attempts']}-{uniqueid[:8]}"
     # started_at on the dialler's clock (the same as real time, but for tests that set the clock)
     attempt = await (await conn.execute(
         """INSERT INTO dial_attempts (job_id, number, worker, action_id, uniqueid, started_at)

@@ -121,34 +121,57 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
 
 
 async def serve_dialler(pool, config: Config) -> None:
-    """The dialler with a connection to each PBX that is configured (AMI needs asterisk.ami_secret)."""
+    """The dialler, with a connection to each PBX that is configured: Asterisk through AMI (needs
+    asterisk.ami_secret), FreeSWITCH through its inbound event socket (freeswitch.dialler_enabled).
+    A campaign names its PBX (campaigns.pbx)."""
     from shopcall.dialler import Dialler
 
     if not config.dialler.enabled:
         log.info("dialler off (dialler.enabled = false)")
         return
+    originators: dict = {}
+    closers = []
     ast = config.asterisk
-    if not ast.ami_secret:
-        log.info("dialler off: asterisk.ami_secret is empty (the dialler originates through AMI)")
-        return
-    from agi.ami import AmiClient, AmiError
-    from agi.originator import AsteriskOriginator
+    if ast.ami_secret:
+        from agi.ami import AmiClient, AmiError
+        from agi.originator import AsteriskOriginator
 
-    ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+        ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+        await _connect(lambda: ami.connect(), f"AMI at {ast.ami_host}:{ast.ami_port}", (OSError, TimeoutError, AmiError))
+        originators["asterisk"] = AsteriskOriginator(ami, config)
+        closers.append(ami.close)
+    fs = config.freeswitch
+    if fs.dialler_enabled:
+        from esl.client import EslClient
+        from esl.originator import FreeswitchOriginator
+        from shopcall.call import PbxError
+
+        client = EslClient(fs.esl_host, fs.esl_port, fs.esl_password, command_timeout=config.esl.command_timeout)
+        await _connect(client.start, f"FreeSWITCH event socket at {fs.esl_host}:{fs.esl_port}",
+                       (OSError, TimeoutError, PbxError))
+        originators["freeswitch"] = FreeswitchOriginator(client, config)
+        closers.append(client.close)
+    if not originators:
+        log.info("dialler off: no PBX to dial through (set asterisk.ami_secret or freeswitch.dialler_enabled)")
+        return
+    log.info("dialler on: %s", ", ".join(originators))
+    try:
+        await Dialler(pool, config, originators).run_forever()
+    finally:
+        for close in closers:
+            await close()
+
+
+async def _connect(connect, what: str, errors: tuple) -> None:
     delay = 1.0
     while True:
         try:
-            await ami.connect()
-            break
-        except (OSError, TimeoutError, AmiError) as exc:
-            log.error("dialler: AMI at %s:%s unavailable (%s); retrying in %.0f s", ast.ami_host, ast.ami_port,
-                      exc, delay)
+            await connect()
+            return
+        except errors as exc:
+            log.error("dialler: %s unavailable (%s); retrying in %.0f s", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
-    try:
-        await Dialler(pool, config, {"asterisk": AsteriskOriginator(ami, config)}).run_forever()
-    finally:
-        await ami.close()
 
 
 async def _every(seconds: float, fn, *args) -> None:

@@ -1,0 +1,50 @@
+"""The dialler's FreeSWITCH side: `bgapi originate` through the inbound event socket (esl/client.py) into
+the robot context of the rendered dialplan, which hands the answered call to our outbound-socket server.
+
+The customer's number reaches the dial string only after `check_number`; the channel's uuid is ours
+(origination_uuid), so a restarted dialler asks `uuid_exists` whether the call is still up. FreeSWITCH
+has no AMD of its own (mod_avmd is optional): a campaign with `amd` gets none here.
+"""
+
+from __future__ import annotations
+
+from esl.client import EslClient
+from shopcall.call import PbxError, check_number
+from shopcall.config import Config
+from shopcall.dialler import DialOutcome, OutcomeUnknown
+
+# hangup causes of a failed originate → our outcome
+_CAUSE_OUTCOME = {
+    "USER_BUSY": "busy", "CALL_REJECTED": "busy",
+    "NO_ANSWER": "no_answer", "NO_USER_RESPONSE": "no_answer", "ORIGINATOR_CANCEL": "no_answer",
+    "ALLOTTED_TIMEOUT": "no_answer", "PROGRESS_TIMEOUT": "no_answer",
+}
+
+
+class FreeswitchOriginator:
+    def __init__(self, client: EslClient, config: Config) -> None:
+        self.client = client
+        self.trunk_template = config.freeswitch.trunk_template
+        self.destination = f"outbound XML {config.freeswitch.context}-robot"
+
+    async def originate(self, phone: str, *, action_id: str, uniqueid: str, caller_id: str | None,
+                        ring_seconds: int, variables: dict[str, str]) -> DialOutcome:
+        dial_string = self.trunk_template.format(number=check_number(phone))
+        # the robot context's socket call passes shopcall_arg_* to the flow as its arguments
+        pairs = {"shopcall_arg_attempt": variables["SHOPCALL_ATTEMPT"], "shopcall_action_id": action_id}
+        if caller_id:
+            pairs["origination_caller_id_number"] = check_number(caller_id)
+        try:
+            result = await self.client.originate(dial_string, uuid=uniqueid, variables=pairs, timeout=ring_seconds,
+                                                 destination=self.destination)
+        except PbxError as exc:  # the connection dropped with the job running: it may be ringing
+            raise OutcomeUnknown(str(exc)) from exc
+        if result.ok:
+            return DialOutcome("answered", result.reply)
+        return DialOutcome(_CAUSE_OUTCOME.get(result.cause, "failed"), result.cause)
+
+    async def exists(self, uniqueid: str) -> bool:
+        try:
+            return (await self.client.api(f"uuid_exists {uniqueid}")).strip() == "true"
+        except PbxError as exc:
+            raise OutcomeUnknown(str(exc)) from exc

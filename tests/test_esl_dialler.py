@@ -1,0 +1,46 @@
+"""The dialler on FreeSWITCH: a campaign with pbx = "freeswitch" is originated through the inbound event
+socket, against the replay of a real FreeSWITCH's bgapi originate session (its answers are the captured
+ones: the first originate answered, the next failed with NORMAL_CLEARING)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from esl.client import EslClient
+from esl.originator import FreeswitchOriginator
+from shopcall import dialler
+from shopcall.config import FreeswitchConfig
+from tests.test_esl_protocol import replay_server
+from tests.test_outbound import WED_NOON, app, event, jobs  # noqa: F401 (fixture)
+
+
+async def test_a_freeswitch_campaign_is_originated_through_the_event_socket(app, conn):  # noqa: F811
+    await conn.execute("UPDATE campaigns SET pbx = 'freeswitch', caller_id = '74950001122'")
+    for n, phone in enumerate(("+79161234567", "+79160000001")):
+        await event(app.pool, type="order_created", phone=phone, order_number=f"fs{n}", items=[{"name": "a"}])
+    server, replays = await replay_server("inbound_bgapi_and_failures")
+    client = EslClient("127.0.0.1", server.sockets[0].getsockname()[1], "ClueCon", command_timeout=2)
+    await client.start()
+    config = replace(app.config, freeswitch=FreeswitchConfig(trunk_template="loopback/{number}/default"))
+    worker = dialler.Dialler(app.pool, config, {"freeswitch": FreeswitchOriginator(client, config)},
+                             clock=lambda: WED_NOON, worker="fs-test")
+    try:
+        dials = []
+        for _ in range(2):  # one at a time: the replay answers in the captured order
+            dials += await worker.round()
+            await worker.drain()
+    finally:
+        await client.close()
+        server.close()
+    first, second = sorted(dials, key=lambda d: d.attempt_id)
+    sent = [m.decode() for m in replays[0].received if m.startswith(b"bgapi originate")]
+    assert sent[0] == (
+        f"bgapi originate {{origination_uuid={first.uniqueid},originate_timeout=30,"
+        f"shopcall_arg_attempt={first.attempt_id},shopcall_action_id={first.action_id},"
+        f"origination_caller_id_number=74950001122}}loopback/{first.phone}/default outbound XML shopcall-robot\n\n")
+    rows = {j["id"]: j for j in await jobs(conn)}
+    attempts = {a["id"]: a for a in await (await conn.execute("SELECT * FROM dial_attempts")).fetchall()}
+    # answered: the robot's outbound flow (over the outbound socket) owns the job now
+    assert rows[first.job_id]["status"] == "dialling" and attempts[first.attempt_id]["answered_at"] is not None
+    assert (attempts[second.attempt_id]["outcome"], rows[second.job_id]["status"]) == ("failed", "pending")
+    assert attempts[second.attempt_id]["detail"]["pbx"] == "NORMAL_CLEARING"
