@@ -9,17 +9,13 @@ one pcap per key with its own RTP timestamps, see rtp_pcap.py) — and counts IN
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
-import signal
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from .rtp_pcap import RtpStream, speech_ulaw
-from .sipp import SIPP, SippError, _ms, _read_lines, _render, _tail, _udp_free, free_media_port
+from .sipp import SippAgent, _ms, _render
 
 Mode = Literal["answer", "busy", "ring"]
 
@@ -159,25 +155,19 @@ _ANSWER = """  <label id="answer"/>
 """
 
 
-class Customers:
+class Customers(SippAgent):
     """mode "answer": ring `ring_seconds`, answer, press `keys` [(seconds after the answer, key)], say
     `speech` (an answering machine's greeting) right after answering, hang up `hang_up_after` seconds after
-    the last key unless the PBX hangs up first. "busy": 486 at once. "ring": ring until CANCELled."""
+    the last key unless the PBX hangs up first. "busy": 486 at once. "ring": ring until CANCELled.
+    Starting, stopping and the event log are SippAgent's; only the scenario differs."""
 
     def __init__(self, user: str, port: int, *, work_dir: Path, mode: Mode = "answer", ring_seconds: float = 0.5,
                  keys: Sequence[tuple[float, str]] = (), hang_up_after: float = 60.0, speech: str | None = None,
                  media_port: int | None = None) -> None:
-        self.user, self.port, self.mode = user, port, mode
+        super().__init__(user, port, work_dir=work_dir, media_port=media_port)
+        self.mode = mode
         self.ring_seconds, self.keys, self.hang_up_after, self.speech = ring_seconds, list(keys), hang_up_after, speech
-        self.media_port = media_port or free_media_port()
-        base = Path(work_dir) / f"customers-{user}-{port}-{int(time.monotonic() * 1000)}"
-        self.base = base
-        self.scenario = base.with_suffix(".xml")
-        self.events_file = Path(f"{base}_events.log")
-        self.messages_file = Path(f"{base}_messages.log")
-        self.errors_file = Path(f"{base}_errors.log")
-        self.stderr_file = Path(f"{base}_stderr.log")
-        self._proc: asyncio.subprocess.Process | None = None
+        self.base = self.scenario.with_suffix("")
 
     def render_scenario(self) -> str:
         if self.mode == "busy":
@@ -205,65 +195,9 @@ class Customers:
             '      <ereg regexp="[^ ].*" search_in="hdr" header="To:" assign_to="local_party"/>\n')
         return _render("uas_customer.xml", {"ANSWER_STEPS": steps, "PARTIES": parties})
 
-    async def start(self, timeout: float = 5.0) -> None:
-        if not _udp_free(self.port):
-            raise SippError(f"UDP port {self.port} for the customers is in use")
-        self.scenario.write_text(self.render_scenario(), encoding="utf-8")
-        cmd = [
-            SIPP, "-sf", str(self.scenario), "-i", "127.0.0.1", "-p", str(self.port), "-mp", str(self.media_port),
-            "-nostdin", "-aa", "-trace_logs", "-log_file", str(self.events_file),
-            "-trace_msg", "-message_file", str(self.messages_file), "-trace_err", "-error_file", str(self.errors_file),
-        ]  # fmt: skip
-        with open(self.stderr_file, "wb") as err:
-            self._proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + timeout
-        while _udp_free(self.port):
-            if self._proc.returncode is not None or time.monotonic() > deadline:
-                await self.stop()
-                raise SippError(f"SIPp customers did not start:\n{_tail(self.stderr_file)}")
-            await asyncio.sleep(0.02)
-
-    async def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        proc.send_signal(signal.SIGINT)
-        try:
-            await asyncio.wait_for(proc.wait(), 3)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-    async def __aenter__(self) -> Customers:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def events(self) -> list[str]:
-        return _read_lines(self.events_file)
-
     def count(self, kind: str) -> int:
-        return sum(1 for line in self.events() if line.split(" ", 1)[0] == kind)
+        return self._count(kind)
 
     def invites_by_number(self) -> dict[str, int]:
         return dict(collections.Counter(line.split()[2] for line in self.events()
                                         if line.startswith("INVITE ") and len(line.split()) >= 3))
-
-    def hangups(self) -> int:
-        return self.count("HANGUP")
-
-    async def wait_for(self, kind: str, count: int = 1, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            n = self.count(kind)
-            if n >= count or time.monotonic() > deadline:
-                return n
-            await asyncio.sleep(0.1)
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(f"--- {p.name}\n{_tail(p, n)}" for p in (self.messages_file, self.errors_file,
-                                                                  self.stderr_file) if p.exists())
