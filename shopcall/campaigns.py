@@ -124,7 +124,7 @@ async def may_call(conn, campaign: Campaign, phone: str, *, now: datetime, fallb
         if cap is not None:
             offered = await (await conn.execute(
                 """SELECT count(*) AS n FROM dial_jobs j JOIN campaigns c ON c.name = j.campaign
-                    WHERE j.phone = %s AND c.purpose = 'ad' AND j.result IN ('yes', 'no', 'no_input')
+                    WHERE j.phone = %s AND c.purpose = 'ad' AND j.result IN ('yes', 'refused', 'no_input')
                       AND j.finished_at > %s - interval '365 days' AND j.id IS DISTINCT FROM %s""",
                 (phone, now, job_id))).fetchone()
             if offered["n"] >= int(cap):

@@ -182,7 +182,7 @@ def validate(body: Any, region: str) -> dict:
     if not isinstance(body, dict):
         raise EventError("the body must be a JSON object with type and idempotency_key")
     kind = body.get("type")
-    if kind not in SPECS:
+    if not isinstance(kind, str) or kind not in SPECS:
         raise EventError(f"type: expected one of {', '.join(sorted(SPECS))}", "type")
     return _fields(body, SPECS[kind], region)
 

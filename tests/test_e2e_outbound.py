@@ -283,7 +283,7 @@ async def test_every_scenario_yes_and_no_through_asterisk(stack, rig, dbc):
         rows = await settled_jobs(dbc, 8, timeout=120)
         results = {next(k for k, v in p.items() if v == r["phone"]): (r["status"], r["result"]) for r in rows}
         assert results == {
-            "cart_yes": ("done", "yes"), "cart_no": ("done", "no"),
+            "cart_yes": ("done", "yes"), "cart_no": ("done", "refused"),
             "stock_yes": ("done", "connected"), "stock_no": ("done", "informed"),
             "order_yes": ("done", "confirmed"), "order_no": ("done", "not_confirmed"),
             "delivery_yes": ("done", "operator"), "delivery_no": ("done", "reminded"),

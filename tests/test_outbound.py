@@ -378,7 +378,7 @@ async def test_cart_no_is_refused_and_counts_against_the_yearly_offers(app, conn
     await conn.execute("""UPDATE campaigns SET settings = settings || '{"offers_per_year": 1}'""")
     call, d = await start(app, conn, CART, keys=["2"])
     job, _ = await settled(conn, d)
-    assert job["result"] == "no"
+    assert job["result"] == "refused"
     await event(app.pool, type="cart_abandoned", phone=IVAN, product="Ещё", idempotency_key="cart-again")
     await due_now(conn)
     assert await claim(app, WED_NOON) == []

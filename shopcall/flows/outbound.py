@@ -166,7 +166,7 @@ async def cart_followup(robot: Robot) -> str:
         return "yes"
     if answer == "2":
         await robot.say("no")
-        return "no"
+        return "refused"
     return "no_input"
 
 
