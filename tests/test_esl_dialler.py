@@ -4,7 +4,10 @@ ones: the first originate answered, the next failed with NORMAL_CLEARING)."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from dataclasses import replace
+from pathlib import Path
 
 from esl.client import EslClient
 from esl.originator import FreeswitchOriginator
@@ -44,3 +47,40 @@ async def test_a_freeswitch_campaign_is_originated_through_the_event_socket(app,
     assert rows[first.job_id]["status"] == "dialling" and attempts[first.attempt_id]["answered_at"] is not None
     assert (attempts[second.attempt_id]["outcome"], rows[second.job_id]["status"]) == ("failed", "pending")
     assert attempts[second.attempt_id]["detail"]["pbx"] == "NORMAL_CLEARING"
+
+
+async def test_the_robot_dialogue_runs_unchanged_over_the_event_socket(app, conn):  # noqa: F811
+    """The outbound flow on FreeSWITCH: the answered call reaches our outbound-socket server with the
+    attempt in shopcall_arg_attempt and our origination_uuid as its Unique-ID (the replayed peer of
+    tests/esl_peer.py plays FreeSWITCH); the customer confirms the order with 1."""
+    from esl.routes import esl_routes
+    from esl.server import EslServer
+    from shopcall.flows.outbound import outbound
+    from tests.esl_peer import Caller, FsPeer
+    from tests.scripted import PromptNames
+
+    class HashedTexts(PromptNames):  # spoken text as the TTS cache names it: by hash, never by its words
+        async def say_text(self, text: str, lang: str) -> Path:
+            return Path(f"/tts/{lang}/{hashlib.sha1(text.encode()).hexdigest()}")
+
+    app = replace(app, prompts=HashedTexts())
+    await conn.execute("UPDATE campaigns SET pbx = 'freeswitch'")
+    await event(app.pool, type="order_created", phone="+79161234567", order_number="fs-1",
+                items=[{"name": "Футболка", "size": "M", "price": "990.00"}])
+    [d] = await dialler.claim(app.pool, app.config, now=WED_NOON, worker="fs")
+    server = EslServer(esl_routes(app, {"outbound": outbound}), port=0, command_timeout=3)
+    await server.start()
+    peer = FsPeer(server.port, Caller(keys=["1"]), number="79161234567", destination="outbound", uuid=d.uniqueid,
+                  variables={"shopcall_flow": "outbound", "shopcall_arg_attempt": str(d.attempt_id)})
+    try:
+        await asyncio.wait_for(peer.run(), 15)
+        await asyncio.wait_for(asyncio.gather(*server.active), 5)
+    finally:
+        await server.stop()
+    job = await (await conn.execute("SELECT * FROM dial_jobs WHERE id = %s", (d.job_id,))).fetchone()
+    order = await (await conn.execute("SELECT status FROM orders WHERE number = 'fs-1'")).fetchone()
+    assert (job["status"], job["result"], order["status"]) == ("done", "confirmed", "awaiting_delivery")
+    played = [arg for app_, arg in peer.apps if app_ in ("playback", "play_and_get_digits")]
+    assert "robot_disclosure" in played[0]
+    row = await (await conn.execute("SELECT pbx, direction, uniqueid FROM calls")).fetchone()
+    assert (row["pbx"], row["direction"], row["uniqueid"]) == ("freeswitch", "outbound", d.uniqueid)
