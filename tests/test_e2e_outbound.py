@@ -150,7 +150,7 @@ def dbc(stack) -> Iterator[psycopg.Connection]:
                         do_not_call, stock_subscriptions, scripts, customers, orders RESTART IDENTITY CASCADE""")
         conn.execute("DELETE FROM numbers WHERE number = %s", (CAMPAIGN_NUMBER,))
         conn.execute("UPDATE campaigns SET group_name = 'sales', max_concurrent = 20, calls_per_second = 10, "
-                     "ring_seconds = 10, max_attempts_per_day = 5, next_dial_at = NULL")
+                     "ring_seconds = 10, max_attempts_per_day = 5, next_dial_at = NULL, caller_id = NULL")
         yield conn
 
 
@@ -323,6 +323,8 @@ async def test_nine_opts_out_busy_is_retried_and_a_duplicate_event_calls_once(st
     again = await send(rig, **order, phone=nine, order_number="n9", idempotency_key="o-n9")
     assert again["duplicate"] is True
     await send(rig, **order, phone=yes, order_number="n1")
+    resp = await rig["client"].patch("/api/v1/campaigns/order_confirmation", json={"caller_id": CAMPAIGN_NUMBER})
+    assert resp.status == 200
     [c_nine, c_busy] = await customers(stack, ("c_nine", {"keys": [(2.0, "9")]}), ("c_busy", {"mode": "busy"}))
     try:
         dials = await dial_round(rig, {nine: "c_nine", yes: "c_busy"})
@@ -332,6 +334,8 @@ async def test_nine_opts_out_busy_is_retried_and_a_duplicate_event_calls_once(st
         assert dbc.execute("SELECT source FROM do_not_call WHERE phone = %s", (nine,)).fetchone()["source"] == "dtmf"
         assert (rows[yes]["status"], rows[yes]["reason"]) == ("pending", "retry_after_busy"), explain(stack, c_busy)
         assert c_busy.invites_by_number() == {yes: 1} and c_nine.invites_by_number() == {nine: 1}
+        # the customer's phone shows the campaign's caller ID
+        assert f"From: <sip:{CAMPAIGN_NUMBER}@" in c_busy.messages_file.read_text(errors="replace")
         # the number that pressed 9 is never dialled again, even for a new order
         await send(rig, **order, phone=nine, order_number="n9b")
         due = rows[yes]["due_at"]
