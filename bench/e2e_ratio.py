@@ -1,0 +1,227 @@
+"""SIPp calls per second through the real Asterisk: routing by our FastAGI flow against plain dialplan.
+
+Both contexts run in one Asterisk 22 (the test harness's chroot), side by side at each rate, with the same
+caller (SIPp UAC, hangs up when the PBX does), the same agent (one SIPp UAS: answers after 0.2 s, hangs
+up after 0.5 s) and the same prompts:
+
+  (a) shopcall: `Goto(shopcall-inbound,710,1)` → the rendered include → AGI(inbound) on a real
+      `shopcall serve --only agi` (number 710: greeting, office hours, group sales, "connecting", Dial,
+      a calls row per call; recording off so both sides do the same media work)
+  (b) plain: Answer, Playback(greeting), Playback(connecting), Dial(PJSIP/agent1)
+
+At each offered rate N = rate × --seconds calls are placed; a side's figure is successful calls per second
+of wall time (the call length, ~6 s, is in both). The sweep stops at the first rate where the plain
+dialplan loses calls or falls below 90 % of the offered rate: where Asterisk itself saturates here.
+Target (issue 6): ratio ≥ 0.9 at that rate.
+
+    .venv/bin/python bench/e2e_ratio.py [--rates 20,40,60,80,100,120] [--seconds 10]   (root: the chroot)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import psycopg  # noqa: E402
+
+from shopcall import db  # noqa: E402
+from tests.pbx import DEFAULT_ROOT, AsteriskPbx, root_is_ready  # noqa: E402
+from tests.pbx.sipp import SIPP, SippAgent, free_media_port, free_sip_port, render_caller_scenario  # noqa: E402
+from tests.test_e2e_inbound import DIRECTORY, Shopcall, free_tcp_port  # noqa: E402
+
+NUMBER = "710"
+TARGET_RATIO = 0.9
+
+
+@dataclass
+class Run:
+    ok: int
+    failed: int
+    wall: float
+
+    @property
+    def cps(self) -> float:
+        return self.ok / self.wall
+
+    def sustained(self, length: float) -> float:
+        """Calls started per second the PBX kept up with: wall time less one call's own length."""
+        return self.ok / max(self.wall - length, 1e-9)
+
+
+def saturated(run: Run, n: int, rate: int) -> bool:
+    """Calls lost, or finished well behind the offered rate (6.5 s: a call's own length, prompts and talk)."""
+    return run.failed > 0 or run.ok < n or run.wall > 1.1 * (n / rate + 6.5)
+
+
+def sipp_stats(path: Path) -> dict[str, str]:
+    """The last line of SIPp's -trace_stat CSV, by column name."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    head, last = lines[0].split(";"), lines[-1].split(";")
+    return dict(zip(head, last, strict=False))
+
+
+async def run_calls(sip: str, context_exten: str, work: Path, n: int, rate: int, tag: str) -> Run:
+    scenario = work / f"caller-{tag}.xml"
+    scenario.write_text(render_caller_scenario(
+        from_user="79160001122", display_name=None, digits="", digit_delay=0, digit_gap=0,
+        pai_display_name=None, extra_headers={}, wait_bye=60), encoding="utf-8")
+    stats = work / f"caller-{tag}.csv"
+    proc = await asyncio.create_subprocess_exec(
+        SIPP, sip, "-sf", str(scenario), "-s", context_exten, "-i", "127.0.0.1", "-p", str(free_sip_port()),
+        "-mp", str(free_media_port()), "-m", str(n), "-r", str(rate), "-l", str(n), "-nostdin", "-aa",
+        "-trace_stat", "-stf", str(stats), "-fd", "1",
+        "-trace_err", "-error_file", str(work / f"caller-{tag}_errors.log"),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    t0 = time.perf_counter()
+    try:
+        await asyncio.wait_for(proc.wait(), n / rate + 180)  # bounded: a stuck run is killed
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+    wall = time.perf_counter() - t0
+    s = sipp_stats(stats)
+    return Run(int(s.get("SuccessfulCall(C)", 0)), int(s.get("FailedCall(C)", 0)), wall)
+
+
+def count_rows(url: str, since_id: int) -> tuple[int, int]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        n, top = conn.execute("SELECT count(DISTINCT uniqueid), coalesce(max(id), 0) FROM calls "
+                              "WHERE dialled_number = %s AND id > %s", (NUMBER, since_id)).fetchone()
+    return n, top
+
+
+async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], seconds: float) -> list[tuple]:
+    sip = f"127.0.0.1:{pbx.sip_port}"
+    agent = SippAgent("agent1", pbx.agents["agent1"], work_dir=work, answer_after=0.2, hangup_after=0.5)
+    await agent.start()
+    out: list[tuple] = []
+    last_id = 0
+    length = 0.0
+    try:
+        for rate in rates:
+            n = max(10, int(rate * seconds))
+            plain = await run_calls(sip, f"plain{NUMBER}", work, n, rate, f"plain-{rate}")
+            await asyncio.sleep(3)  # the previous run's last channels go away before the next starts
+            ours = await run_calls(sip, NUMBER, work, n, rate, f"agi-{rate}")
+            await asyncio.sleep(3)
+            deadline = time.monotonic() + 30
+            while True:  # rows are written just after each call's hangup
+                rows, top = count_rows(url, last_id)
+                if rows >= ours.ok or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            last_id = top
+            out.append((rate, n, plain, ours, rows, length))
+            # a call's own length (prompts, ringing, talk): what the first, unsaturated run took beyond n/rate
+            length = length if out[1:] else max(0.0, plain.wall - n / rate)
+            out[-1] = (*out[-1][:5], length)
+            print(f"{rate:4d}/s {n:5d} calls | plain {plain.ok:5d} ok {plain.failed:4d} failed {plain.cps:6.1f} cps "
+                  f"({plain.wall:5.1f} s, sustained {plain.sustained(length):5.1f}/s) | shopcall {ours.ok:5d} ok "
+                  f"{ours.failed:4d} failed {ours.cps:6.1f} cps ({ours.wall:5.1f} s, sustained "
+                  f"{ours.sustained(length):5.1f}/s), {rows} rows | ratio {ours.cps / max(plain.cps, 1e-9):.2f}",
+                  flush=True)
+            if saturated(plain, n, rate):
+                break  # Asterisk itself saturates here
+    finally:
+        await agent.stop()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", default="20,40,60,80,100,120", help="offered calls/s, ascending")
+    ap.add_argument("--seconds", type=float, default=10.0, help="seconds of calls at each rate")
+    args = ap.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    if not root_is_ready(DEFAULT_ROOT) or os.geteuid() != 0:
+        print(f"needs root and the Asterisk root at {DEFAULT_ROOT} (scripts/build-asterisk-root.sh)")
+        return 2
+
+    work = Path(tempfile.mkdtemp(prefix="shopcall-e2e-ratio-"))
+    data = work / "shopcall"
+    data.mkdir()
+    pgdata = work / "pg" / "data"
+    url = db.start_embedded(pgdata)
+    app = pbx = None
+    try:
+        asyncio.run(db.migrate_url(url))
+        agi_port = free_tcp_port()
+        config = work / "shopcall.toml"
+        config.write_text(f"""
+[shop]
+name = "Bench"
+[paths]
+data_dir = "{data}"
+[database]
+url = "{url}"
+pool_max = 10
+[agi]
+port = {agi_port}
+backlog = 4096
+[inbound]
+ring_timeout = 20
+[log]
+level = "WARNING"
+""", encoding="utf-8")
+        app = Shopcall(config, work / "shopcall.log", agi_port)
+        app.cli("db", "load", str(DIRECTORY))
+        with psycopg.connect(url, autocommit=True) as conn:  # a group number: no menu, no notice, no recording
+            conn.execute("""INSERT INTO numbers (number, title, schedule_id, group_id, recording_notice, sticky,
+                                                 by_last_category, recording_policy)
+                            SELECT %s, 'bench', s.id, g.id, false, false, false, 'never'
+                              FROM schedules s, groups g WHERE s.name = 'always' AND g.name = 'sales'""",
+                         (NUMBER,))
+        include = data / "asterisk-shopcall.conf"
+        app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
+        app.start()  # also synthesises the prompts the plain context plays
+        sounds = data / "sounds" / "ru"
+        dialplan = f"""
+[test-in]
+exten => {NUMBER},1,Goto(shopcall-inbound,${{EXTEN}},1)
+; the same call with the routing in plain dialplan: the group is written here, nothing is looked up
+exten => plain{NUMBER},1,Answer()
+ same => n,Playback({sounds}/greeting)
+ same => n,Playback({sounds}/connecting)
+ same => n,Dial(PJSIP/agent1,20)
+ same => n,Hangup()
+
+#include "{include}"
+"""
+        pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data],
+                          agents={"agent1": free_sip_port()}, dialplan=dialplan, rtp_ports=(24000, 29999))
+        pbx.start()
+        print(f"cores: {os.cpu_count()}; Asterisk 22, shopcall serve, PostgreSQL and SIPp on the same machine")
+        results = asyncio.run(sweep(pbx, work, url, rates, args.seconds))
+    finally:
+        if pbx:
+            pbx.stop()
+        if app:
+            app.stop()
+        db.stop_embedded(pgdata)
+    if not results:
+        return 1
+    rate, n, plain, ours, rows, length = results[-1]
+    for name, k in (("plain", 2), ("shopcall", 3)):  # where each side stopped keeping up with the offer
+        best = max(r[k].sustained(r[5]) for r in results)
+        print(f"highest sustained rate, {name}: {best:.1f} calls/s")
+    ratio = ours.cps / max(plain.cps, 1e-9)
+    print(f"target: ratio >= {TARGET_RATIO} at the rate where Asterisk saturates "
+          f"({'reached' if saturated(plain, n, rate) else 'not reached, highest rate tried'}: {rate}/s)")
+    ok = ratio >= TARGET_RATIO and rows == ours.ok  # and every call we completed has its row
+    verdict = ("PASS" if ok else "MISS") if saturated(plain, n, rate) else "INCONCLUSIVE (raise --rates)"
+    print(f"{verdict}: ratio {ratio:.2f} at {rate}/s, {ours.failed} of our calls failed, "
+          f"{rows} rows for {ours.ok} calls (work dir {work})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
