@@ -154,7 +154,7 @@ def dbc(stack) -> Iterator[psycopg.Connection]:
         yield conn
 
 
-def test_config(stack) -> Config:
+def rig_config(stack) -> Config:
     pbx = stack["pbx"]
     return dataclasses.replace(
         Config.default(),
@@ -169,7 +169,7 @@ def test_config(stack) -> Config:
 async def rig(stack, dbc) -> AsyncIterator[dict]:
     """The shop's side (API client, webhook receiver) and the dialler's (pool, AMI, one originator per
     customer behaviour)."""
-    config = test_config(stack)
+    config = rig_config(stack)
     pbx = stack["pbx"]
     hooks = Hooks()
     hook_app = web.Application()
