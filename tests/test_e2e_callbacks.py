@@ -22,7 +22,7 @@ from tests.pbx import (
     free_sip_port,
     require_asterisk_root,
 )
-from tests.test_e2e_inbound import DIRECTORY, Shopcall, free_tcp_port
+from tests.pbx.service import free_tcp_port, prepare_shopcall
 
 pytestmark = pytest.mark.slow
 
@@ -33,29 +33,7 @@ CUSTOMER = "+79161234567"
 def cb_stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
     require_asterisk_root()
     work = tmp_path_factory.mktemp("e2e-callbacks")
-    data = work / "shopcall"
-    data.mkdir()
-    agi_port = free_tcp_port()
-    config = work / "shopcall.toml"
-    config.write_text(f"""
-[shop]
-name = "Тест"
-[paths]
-data_dir = "{data}"
-[database]
-url = "{pg_url}"
-[agi]
-port = {agi_port}
-[log]
-level = "DEBUG"
-""", encoding="utf-8")
-    app = Shopcall(config, work / "shopcall.log", agi_port)
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("""TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members,
-                        groups, employees, schedules RESTART IDENTITY CASCADE""")
-    app.cli("db", "load", str(DIRECTORY))
-    include = data / "asterisk-shopcall.conf"
-    app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
+    app, data, include = prepare_shopcall(work, pg_url, free_tcp_port())
     app.start()
     # "trunk" is an endpoint like the agents': PJSIP/{number}@trunk sends the INVITE to its SIPp phone
     pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data],

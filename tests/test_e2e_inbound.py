@@ -7,10 +7,6 @@ from __future__ import annotations
 import asyncio
 import email.header
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import wave
 from collections.abc import Iterator
@@ -25,64 +21,12 @@ from psycopg.rows import dict_row
 
 from shopcall.db import stop_embedded
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, require_asterisk_root
+from tests.pbx.service import DIRECTORY, REPO, Shopcall, free_tcp_port
 from tests.pbx.sipp import SippAgent, free_sip_port, place_call
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-DIRECTORY = REPO / "tests" / "data" / "directory.toml"
 AGENTS = ("agent1", "agent2", "agent3", "agent4")
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Shopcall:
-    """`shopcall serve --only agi` as its own process, so a test can kill it like a crash would."""
-
-    def __init__(self, config: Path, log: Path, port: int) -> None:
-        self.config, self.log, self.port = config, log, port
-        self.proc: subprocess.Popen | None = None
-
-    def cli(self, *args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "shopcall", "-c", str(self.config), *args],
-                             capture_output=True, text=True, timeout=120, cwd=REPO)
-        assert out.returncode == 0, f"shopcall {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
-        return out.stdout
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shopcall", "-c", str(self.config), "serve", "--only", "agi"],
-            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"shopcall serve exited:\n{self.log_tail()}"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"shopcall serve did not listen on {self.port}:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ from shopcall.api import start_api
 from shopcall.config import ApiConfig, AsteriskConfig, Config, WebhooksConfig
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, SippAgent, free_sip_port, place_call, require_asterisk_root
 from tests.pbx.customer import Customers
-from tests.test_e2e_inbound import DIRECTORY, REPO, Shopcall, free_tcp_port
+from tests.pbx.service import REPO, free_tcp_port, prepare_shopcall
 
 pytestmark = pytest.mark.slow
 
@@ -79,22 +79,11 @@ class Hooks:
 def stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
     require_asterisk_root()
     work = tmp_path_factory.mktemp("e2e-outbound")
-    data = work / "shopcall"
-    data.mkdir()
     agi_port, hooks_port = free_tcp_port(), free_tcp_port()
-    pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data],
+    pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[work / "shopcall"],
                       agents={name: free_sip_port() for name in ("agent1", *BEHAVIOURS)}, sip_debug=True)
     pbx._pick_ports()  # the config below needs the AMI port before Asterisk starts
-    config = work / "shopcall.toml"
-    config.write_text(f"""
-[shop]
-name = "Тест"
-[paths]
-data_dir = "{data}"
-[database]
-url = "{pg_url}"
-[agi]
-port = {agi_port}
+    app, data, include = prepare_shopcall(work, pg_url, agi_port, f"""
 [asterisk]
 ami_port = {pbx.ami_port}
 ami_user = "{pbx.ami_user}"
@@ -110,17 +99,8 @@ results_url = "http://127.0.0.1:{hooks_port}/results"
 messages_url = "http://127.0.0.1:{hooks_port}/messages"
 secret = "{SECRET}"
 poll_seconds = 0.5
-[log]
-level = "DEBUG"
-""", encoding="utf-8")
-    app = Shopcall(config, work / "shopcall.log", agi_port)
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("""TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members,
-                        groups, employees, schedules, dial_jobs, events, webhook_outbox, consents, do_not_call,
-                        stock_subscriptions, scripts RESTART IDENTITY CASCADE""")
-    app.cli("db", "load", str(DIRECTORY))
-    include = data / "asterisk-shopcall.conf"
-    app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
+""")
+    config = work / "shopcall.toml"
     pbx.write_dialplan(f"""
 [test-in]
 exten => _X.,1,Goto(shopcall-inbound,${{EXTEN}},1)

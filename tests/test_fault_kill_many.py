@@ -17,8 +17,8 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, require_asterisk_root
+from tests.pbx.service import free_tcp_port, prepare_shopcall
 from tests.pbx.sipp import SippAgent, free_sip_port, place_call
-from tests.test_e2e_inbound import DIRECTORY, Shopcall, free_tcp_port
 
 pytestmark = pytest.mark.slow
 
@@ -31,33 +31,8 @@ FALLBACK = re.compile(r'Executing \[[^]]*@shopcall-inbound-run:\d+\] Verbose\("(
 def kill_stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
     require_asterisk_root()
     work = tmp_path_factory.mktemp("fault-kill-many")
-    data = work / "shopcall"
-    data.mkdir()
-    agi_port = free_tcp_port()
-    config = work / "shopcall.toml"
-    config.write_text(f"""
-[shop]
-name = "Тест"
-timezone = "Europe/Moscow"
-[paths]
-data_dir = "{data}"
-[database]
-url = "{pg_url}"
-connect_timeout = 2.0
-[agi]
-port = {agi_port}
-[inbound]
-ring_timeout = 10
-[log]
-level = "DEBUG"
-""", encoding="utf-8")
-    app = Shopcall(config, work / "shopcall.log", agi_port)
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("""TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members,
-                        groups, employees, schedules RESTART IDENTITY CASCADE""")
-    app.cli("db", "load", str(DIRECTORY))
-    include = data / "asterisk-shopcall.conf"
-    app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))  # fallback: sales = agent1
+    # fallback: sales = agent1
+    app, data, include = prepare_shopcall(work, pg_url, free_tcp_port(), "[inbound]\nring_timeout = 10")
     app.start()
     dialplan = f"""
 [test-in]
