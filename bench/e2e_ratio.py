@@ -35,8 +35,8 @@ import psycopg  # noqa: E402
 
 from shopcall import db  # noqa: E402
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, root_is_ready  # noqa: E402
+from tests.pbx.service import DIRECTORY, Shopcall, free_tcp_port  # noqa: E402
 from tests.pbx.sipp import SIPP, SippAgent, free_media_port, free_sip_port, render_caller_scenario  # noqa: E402
-from tests.test_e2e_inbound import DIRECTORY, Shopcall, free_tcp_port  # noqa: E402
 
 NUMBER = "710"
 TARGET_RATIO = 0.9

@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 
 from shopcall.db import stop_embedded
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, require_asterisk_root
-from tests.pbx.service import DIRECTORY, REPO, Shopcall, free_tcp_port
+from tests.pbx.service import REPO, free_tcp_port, prepare_shopcall
 from tests.pbx.sipp import SippAgent, free_sip_port, place_call
 
 pytestmark = pytest.mark.slow
@@ -33,24 +33,8 @@ AGENTS = ("agent1", "agent2", "agent3", "agent4")
 def stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
     require_asterisk_root()
     work = tmp_path_factory.mktemp("e2e")
-    data = work / "shopcall"
-    data.mkdir()
-    agi_port = free_tcp_port()
-    config = work / "shopcall.toml"
     smtp_port = free_tcp_port()
-    config.write_text(
-        f"""
-[shop]
-name = "Тест"
-timezone = "Europe/Moscow"
-[paths]
-data_dir = "{data}"
-[database]
-url = "{pg_url}"
-connect_timeout = 2.0
-[agi]
-port = {agi_port}
-command_timeout = 10.0
+    app, data, include = prepare_shopcall(work, pg_url, free_tcp_port(), f"""
 [inbound]
 ring_timeout = 6
 [mail]
@@ -58,12 +42,7 @@ smtp_port = {smtp_port}
 retry_seconds = 1
 [voicemail]
 min_seconds = 1.0
-[log]
-level = "DEBUG"
-""",
-        encoding="utf-8",
-    )
-    app = Shopcall(config, work / "shopcall.log", agi_port)
+""", directories=(REPO / "tests" / "data" / "routing_e2e.toml",))
     # a real SMTP server receives the voicemail notices
     from aiosmtpd.controller import Controller
     from aiosmtpd.handlers import Message as _Message
@@ -79,13 +58,6 @@ level = "DEBUG"
     inbox = Inbox()
     smtp = Controller(inbox, hostname="127.0.0.1", port=smtp_port)
     smtp.start()
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("""TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members,
-                        groups, employees, schedules RESTART IDENTITY CASCADE""")
-    app.cli("db", "load", str(DIRECTORY))
-    app.cli("db", "load", str(REPO / "tests" / "data" / "routing_e2e.toml"))
-    include = data / "asterisk-shopcall.conf"
-    app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
     app.start()
     # The test entry context stands in for a trunk: it may rewrite the caller name from an X-header
     # (SIP cannot carry a newline in a display name; a carrier's garbage can reach CALLERID(name) anyway).

@@ -69,9 +69,10 @@ class Shopcall:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 
 
-def prepare_shopcall(work: Path, pg_url: str, agi_port: int, sections: str = "") -> tuple[Shopcall, Path, Path]:
+def prepare_shopcall(work: Path, pg_url: str, agi_port: int, sections: str = "",
+                     directories: tuple[Path, ...] = ()) -> tuple[Shopcall, Path, Path]:
     """Write WORK/shopcall.toml (shop "Тест", data in WORK/shopcall, the test database, DEBUG logs, plus
-    `sections`), empty the tables, load the test directory and render the Asterisk include.
+    `sections`), empty the tables, load the test directory (then `directories`) and render the include.
     Returns the service (not started), the data dir and the include's path."""
     data = work / "shopcall"
     data.mkdir(exist_ok=True)
@@ -94,7 +95,8 @@ level = "DEBUG"
     app = Shopcall(config, work / "shopcall.log", agi_port)
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-    app.cli("db", "load", str(DIRECTORY))
+    for directory in (DIRECTORY, *directories):
+        app.cli("db", "load", str(directory))
     include = data / "asterisk-shopcall.conf"
     app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
     return app, data, include
