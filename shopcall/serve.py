@@ -92,7 +92,10 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         background.append(asyncio.create_task(callbacks.serve_callbacks(pool, config), name="callback-worker"))
     if "dialler" in parts:
         background.append(asyncio.create_task(serve_dialler(pool, config), name="dialler"))
-    if {"dialler", "api", "agi"} & set(parts):  # results of robot calls and product links to the shop
+    hooks = config.webhooks
+    # results of robot calls and product links to the shop, from the processes configured for them (one
+    # without the URLs does not know the secret either, and must not post rows unsigned)
+    if {"dialler", "api", "agi"} & set(parts) and (hooks.results_url or hooks.messages_url):
         from shopcall import webhooks
 
         background.append(asyncio.create_task(webhooks.run_forever(pool, config), name="webhooks"))
