@@ -19,6 +19,7 @@ from typing import Protocol
 from psycopg_pool import AsyncConnectionPool
 
 from agi.ami import AmiClient, AmiConnectionLost, AmiError, AmiTimeout, OriginateResult
+from shopcall.backoff import keep_trying
 from shopcall.call import check_endpoint, presentable
 from shopcall.config import Config
 
@@ -260,15 +261,7 @@ async def serve_callbacks(pool: AsyncConnectionPool, config: Config) -> None:
                  config.callbacks.enabled, "set" if ast.ami_secret else "empty")
         return
     ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
-    delay = 1.0
-    while True:
-        try:
-            await ami.connect()
-            break
-        except (OSError, TimeoutError, AmiError) as exc:
-            log.error("AMI at %s:%s unavailable (%s); retrying in %.0f s", ast.ami_host, ast.ami_port, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+    await keep_trying(ami.connect, f"AMI at {ast.ami_host}:{ast.ami_port}", (OSError, TimeoutError, AmiError))
     try:
         await run_forever(pool, config, ami)
     finally:

@@ -127,6 +127,7 @@ async def serve_dialler(pool, config: Config) -> None:
     """The dialler, with a connection to each PBX that is configured: Asterisk through AMI (needs
     asterisk.ami_secret), FreeSWITCH through its inbound event socket (freeswitch.dialler_enabled).
     A campaign names its PBX (campaigns.pbx)."""
+    from shopcall.backoff import keep_trying
     from shopcall.dialler import Dialler
 
     if not config.dialler.enabled:
@@ -140,7 +141,7 @@ async def serve_dialler(pool, config: Config) -> None:
         from agi.originator import AsteriskOriginator
 
         ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
-        await _connect(lambda: ami.connect(), f"AMI at {ast.ami_host}:{ast.ami_port}", (OSError, TimeoutError, AmiError))
+        await keep_trying(ami.connect, f"dialler: AMI at {ast.ami_host}:{ast.ami_port}", (OSError, TimeoutError, AmiError))
         originators["asterisk"] = AsteriskOriginator(ami, config)
         closers.append(ami.close)
     fs = config.freeswitch
@@ -150,7 +151,7 @@ async def serve_dialler(pool, config: Config) -> None:
         from shopcall.call import PbxError
 
         client = EslClient(fs.esl_host, fs.esl_port, fs.esl_password, command_timeout=config.esl.command_timeout)
-        await _connect(client.start, f"FreeSWITCH event socket at {fs.esl_host}:{fs.esl_port}",
+        await keep_trying(client.start, f"dialler: FreeSWITCH event socket at {fs.esl_host}:{fs.esl_port}",
                        (OSError, TimeoutError, PbxError))
         originators["freeswitch"] = FreeswitchOriginator(client, config)
         closers.append(client.close)
@@ -163,18 +164,6 @@ async def serve_dialler(pool, config: Config) -> None:
     finally:
         for close in closers:
             await close()
-
-
-async def _connect(connect, what: str, errors: tuple) -> None:
-    delay = 1.0
-    while True:
-        try:
-            await connect()
-            return
-        except errors as exc:
-            log.error("dialler: %s unavailable (%s); retrying in %.0f s", what, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
 
 
 async def _every(seconds: float, fn, *args) -> None:
