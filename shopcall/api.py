@@ -176,6 +176,13 @@ def _int_param(query: Mapping[str, str], name: str, default: int, lo: int, hi: i
     return value
 
 
+async def read_json(request: web.Request) -> Any:
+    try:
+        return await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON") from None
+
+
 # --------------------------------------------------------------------------- handlers
 
 
@@ -217,10 +224,7 @@ async def set_agent(request: web.Request) -> web.StreamResponse:
         check_endpoint(endpoint)
     except ValueError as exc:
         raise ApiError(400, str(exc), {"parameter": "endpoint"}) from None
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "the body is not valid JSON") from None
+    body = await read_json(request)
     if not isinstance(body, dict):
         raise ApiError(422, "the body must be a JSON object such as {\"paused\": true}")
     unknown = sorted(set(body) - set(AGENT_FIELDS))

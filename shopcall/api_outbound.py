@@ -6,7 +6,6 @@ a 4xx that names the field; nothing the shop sends reaches SQL but as a paramete
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +13,9 @@ from typing import Any
 from aiohttp import web
 from psycopg.types.json import Jsonb
 
-from shopcall import events, scripts
+# shopcall.api imports this module while it loads; only its names at call time are used here
+from shopcall import api, events, scripts
+from shopcall.call import check_number
 from shopcall.campaigns import SCENARIOS
 from shopcall.hours import parse_weekly
 from shopcall.phone import to_e164
@@ -24,24 +25,9 @@ log = logging.getLogger("shopcall.api")
 HISTORY_LIMIT_MAX = 500
 
 
-def _keys():  # late import: shopcall.api imports this module
-    from shopcall import api
-
-    return api
-
-
-async def _body(request: web.Request) -> Any:
-    api = _keys()
-    try:
-        return await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise api.ApiError(400, "the body is not valid JSON") from None
-
-
 async def post_event(request: web.Request) -> web.StreamResponse:
-    api = _keys()
     api._query(request, set())
-    body = await _body(request)
+    body = await api.read_json(request)
     try:
         outcome = await events.ingest(request.app[api.POOL], body, region=request.app[api.CONFIG].shop.country,
                                       now=datetime.now(UTC))
@@ -66,7 +52,6 @@ SELECT j.id, j.campaign, c.scenario, j.phone, j.order_number, j.sku, j.status, j
 
 async def get_history(request: web.Request) -> web.StreamResponse:
     """Robot calls about a contact or an order, newest first, each with its dial attempts."""
-    api = _keys()
     q = api._query(request, {"phone", "order", "limit"})
     phone = q.get("phone")
     order = q.get("order")
@@ -98,7 +83,6 @@ _CAMPAIGN_COLUMNS = ("name", "scenario", "purpose", *(_EDITABLE))
 
 
 async def list_campaigns(request: web.Request) -> web.StreamResponse:
-    api = _keys()
     api._query(request, set())
     async with request.app[api.POOL].connection() as conn:
         rows = await (await conn.execute(
@@ -107,7 +91,6 @@ async def list_campaigns(request: web.Request) -> web.StreamResponse:
 
 
 def _check_campaign_field(key: str, value: Any) -> None:
-    api = _keys()
     kind, bounds = _EDITABLE[key]
     if isinstance(value, bool) and kind is not bool:
         raise api.ApiError(422, f"{key}: wrong type", {"field": key})
@@ -123,17 +106,19 @@ def _check_campaign_field(key: str, value: Any) -> None:
     if key == "retry_minutes" and any(
             not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v <= 100000 for v in value.values()):
         raise api.ApiError(422, "retry_minutes: each value is a number of minutes > 0", {"field": key})
-    if key == "caller_id" and value is not None and to_e164(value, "RU") is None and not value.isdigit():
-        raise api.ApiError(422, "caller_id: not a phone number", {"field": key})
+    if key == "caller_id" and value is not None:
+        try:
+            check_number(value)  # it reaches the Originate's CallerID
+        except ValueError:
+            raise api.ApiError(422, "caller_id: not a phone number (digits, optional +)", {"field": key}) from None
     if key == "pbx" and value not in ("asterisk", "freeswitch"):
         raise api.ApiError(422, "pbx: asterisk or freeswitch", {"field": key})
 
 
 async def patch_campaign(request: web.Request) -> web.StreamResponse:
-    api = _keys()
     api._query(request, set())
     name = request.match_info["name"]
-    body = await _body(request)
+    body = await api.read_json(request)
     if not isinstance(body, dict) or not body:
         raise api.ApiError(422, "the body must be a JSON object of fields to change",
                            {"allowed": sorted(_EDITABLE)})
@@ -167,7 +152,6 @@ async def patch_campaign(request: web.Request) -> web.StreamResponse:
 
 
 def _script_params(request: web.Request) -> tuple[str, str, str]:
-    api = _keys()
     q = api._query(request, {"segment", "language"})
     scenario = request.match_info["scenario"]
     if scenario not in SCENARIOS:
@@ -182,7 +166,6 @@ def _script_params(request: web.Request) -> tuple[str, str, str]:
 
 
 async def get_scripts(request: web.Request) -> web.StreamResponse:
-    api = _keys()
     scenario, segment, language = _script_params(request)
     async with request.app[api.POOL].connection() as conn:
         parts = await scripts.load(conn, scenario, segment, language)
@@ -191,10 +174,9 @@ async def get_scripts(request: web.Request) -> web.StreamResponse:
 
 
 async def put_script(request: web.Request) -> web.StreamResponse:
-    api = _keys()
     scenario, segment, language = _script_params(request)
     part = request.match_info["part"]
-    body = await _body(request)
+    body = await api.read_json(request)
     if not isinstance(body, dict) or set(body) != {"template"} or not isinstance(body["template"], str):
         raise api.ApiError(422, 'the body must be {"template": "..."}', {"field": "template"})
     try:
@@ -212,7 +194,6 @@ async def put_script(request: web.Request) -> web.StreamResponse:
 
 
 async def delete_script(request: web.Request) -> web.StreamResponse:
-    api = _keys()
     scenario, segment, language = _script_params(request)
     part = request.match_info["part"]
     async with request.app[api.POOL].connection() as conn:

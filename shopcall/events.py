@@ -358,19 +358,20 @@ async def _updated(conn, event_id: int, ev: dict, now: datetime) -> dict:
     if ev.get("blacklisted"):
         cancelled = await cancel_jobs(conn, ev["phone"], "blacklisted")
     if "do_not_call" in ev:
-        await set_do_not_call(conn, ev["phone"], ev["do_not_call"], source="api")
-        if ev["do_not_call"]:
-            cancelled += await cancel_jobs(conn, ev["phone"], "dnc")
+        cancelled += await set_do_not_call(conn, ev["phone"], ev["do_not_call"], source="api")
     return {"customer": customer, "updated": sorted(fields), "jobs_cancelled": cancelled}
 
 
-async def set_do_not_call(conn, phone: str, on: bool, *, source: str, job_id: int | None = None) -> None:
-    if on:
-        await conn.execute(
-            "INSERT INTO do_not_call (phone, source, job_id) VALUES (%s, %s, %s) ON CONFLICT (phone) DO NOTHING",
-            (phone, source, job_id))
-    else:
+async def set_do_not_call(conn, phone: str, on: bool, *, source: str, job_id: int | None = None) -> int:
+    """Put a number on the do-not-call list (its pending robot calls are cancelled at once; the dialler
+    checks the list again before every dial) or take it off. Returns the jobs cancelled."""
+    if not on:
         await conn.execute("DELETE FROM do_not_call WHERE phone = %s", (phone,))
+        return 0
+    await conn.execute(
+        "INSERT INTO do_not_call (phone, source, job_id) VALUES (%s, %s, %s) ON CONFLICT (phone) DO NOTHING",
+        (phone, source, job_id))
+    return await cancel_jobs(conn, phone, "dnc")
 
 
 HANDLERS = {

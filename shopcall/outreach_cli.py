@@ -34,10 +34,7 @@ async def dnc(pool: AsyncConnectionPool, action: str, phone: str | None, region:
         if e164 is None:
             print(f"shopcall: dnc {action} needs a phone number (got {phone!r})", file=sys.stderr)
             return 2
-        async with conn.transaction():
-            await events.set_do_not_call(conn, e164, action == "add", source="cli")
-            if action == "add":
-                await events.cancel_jobs(conn, e164, "dnc")
+        await events.set_do_not_call(conn, e164, action == "add", source="cli")
     print(f"{e164}: {'on' if action == 'add' else 'off'} the do-not-call list")
     return 0
 
