@@ -170,12 +170,17 @@ async def cart_followup(robot: Robot) -> str:
     return "no_input"
 
 
-async def back_in_stock(robot: Robot) -> str:
-    if await robot.ask("offer", ("1",)) == "1":
+async def _press_1_for_a_person(robot: Robot, part: str, *, connected: str, declined: str) -> str:
+    """Say `part`, which ends "press 1 to talk to a person": 1 reaches the campaign's operators."""
+    if await robot.ask(part, ("1",)) == "1":
         await robot.say("connect")
-        return "connected" if await robot.connect() else "callback"
+        return connected if await robot.connect() else "callback"
     await robot.say("bye")
-    return "informed"
+    return declined
+
+
+async def back_in_stock(robot: Robot) -> str:
+    return await _press_1_for_a_person(robot, "offer", connected="connected", declined="informed")
 
 
 async def order_confirmation(robot: Robot) -> str:
@@ -213,11 +218,7 @@ async def order_confirmation(robot: Robot) -> str:
 
 
 async def delivery_status(robot: Robot) -> str:
-    if await robot.ask("reminder", ("1",)) == "1":
-        await robot.say("connect")
-        return "operator" if await robot.connect() else "callback"
-    await robot.say("bye")
-    return "reminded"
+    return await _press_1_for_a_person(robot, "reminder", connected="operator", declined="reminded")
 
 
 SCENARIOS: dict[str, Scenario] = {
