@@ -22,7 +22,7 @@ from tests.pbx import (
     free_sip_port,
     require_asterisk_root,
 )
-from tests.pbx.service import free_tcp_port, prepare_shopcall
+from tests.pbx.service import free_tcp_port, prepare_shopcall, running
 
 pytestmark = pytest.mark.slow
 
@@ -34,21 +34,12 @@ def cb_stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
     require_asterisk_root()
     work = tmp_path_factory.mktemp("e2e-callbacks")
     app, data, include = prepare_shopcall(work, pg_url, free_tcp_port())
-    app.start()
     # "trunk" is an endpoint like the agents': PJSIP/{number}@trunk sends the INVITE to its SIPp phone
     pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data],
                       agents={"agent1": free_sip_port(), "trunk": free_sip_port()},
                       dialplan=f'#include "{include}"\n', sip_debug=True)
-    try:
-        pbx.start()
-    except Exception:
-        app.stop()
-        raise
-    try:
+    with running(app, pbx):
         yield {"pbx": pbx, "app": app, "url": pg_url, "work": work}
-    finally:
-        pbx.stop()
-        app.stop()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 
 from shopcall.db import stop_embedded
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, require_asterisk_root
-from tests.pbx.service import REPO, free_tcp_port, prepare_shopcall
+from tests.pbx.service import REPO, free_tcp_port, prepare_shopcall, running
 from tests.pbx.sipp import SippAgent, free_sip_port, place_call
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,6 @@ min_seconds = 1.0
     inbox = Inbox()
     smtp = Controller(inbox, hostname="127.0.0.1", port=smtp_port)
     smtp.start()
-    app.start()
     # The test entry context stands in for a trunk: it may rewrite the caller name from an X-header
     # (SIP cannot carry a newline in a display name; a carrier's garbage can reach CALLERID(name) anyway).
     dialplan = f"""
@@ -77,18 +76,12 @@ include => shopcall-agents
     pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data],
                       agents={name: free_sip_port() for name in AGENTS}, dialplan=dialplan,
                       sip_debug=True)
-    try:
-        pbx.start()
-    except Exception:
-        app.stop()
-        raise
-    try:
-        yield {"pbx": pbx, "app": app, "url": pg_url, "work": work, "sip": f"127.0.0.1:{pbx.sip_port}",
-               "inbox": inbox}
-    finally:
-        pbx.stop()
-        app.stop()
-        smtp.stop()
+    with running(app, pbx):
+        try:
+            yield {"pbx": pbx, "app": app, "url": pg_url, "work": work, "sip": f"127.0.0.1:{pbx.sip_port}",
+                   "inbox": inbox}
+        finally:
+            smtp.stop()
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from shopcall.api import start_api
 from shopcall.config import ApiConfig, AsteriskConfig, Config, WebhooksConfig
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, SippAgent, free_sip_port, place_call, require_asterisk_root
 from tests.pbx.customer import Customers
-from tests.pbx.service import REPO, free_tcp_port, prepare_shopcall
+from tests.pbx.service import REPO, free_tcp_port, prepare_shopcall, running
 
 pytestmark = pytest.mark.slow
 
@@ -106,21 +106,12 @@ poll_seconds = 0.5
 exten => _X.,1,Goto(shopcall-inbound,${{EXTEN}},1)
 #include "{include}"
 """)
-    app.start()
-    try:
-        pbx.start()
-    except Exception:
-        app.stop()
-        raise
-    disclosure = data / "sounds" / "ru" / "robot_disclosure.wav"
-    with wave.open(str(disclosure)) as w:
-        disclosure_seconds = w.getnframes() / w.getframerate()
-    try:
+    with running(app, pbx):
+        disclosure = data / "sounds" / "ru" / "robot_disclosure.wav"
+        with wave.open(str(disclosure)) as w:
+            disclosure_seconds = w.getnframes() / w.getframerate()
         yield {"pbx": pbx, "app": app, "url": pg_url, "work": work, "config": config, "hooks_port": hooks_port,
                "disclosure": disclosure_seconds}
-    finally:
-        pbx.stop()
-        app.stop()
 
 
 @pytest.fixture

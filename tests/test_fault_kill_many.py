@@ -17,7 +17,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, require_asterisk_root
-from tests.pbx.service import free_tcp_port, prepare_shopcall
+from tests.pbx.service import free_tcp_port, prepare_shopcall, running
 from tests.pbx.sipp import SippAgent, free_sip_port, place_call
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,6 @@ def kill_stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
     work = tmp_path_factory.mktemp("fault-kill-many")
     # fallback: sales = agent1
     app, data, include = prepare_shopcall(work, pg_url, free_tcp_port(), "[inbound]\nring_timeout = 10")
-    app.start()
     dialplan = f"""
 [test-in]
 exten => _X.,1,Goto(shopcall-inbound,${{EXTEN}},1)
@@ -43,16 +42,8 @@ exten => _X.,1,Goto(shopcall-inbound,${{EXTEN}},1)
     # its own ports and RTP range, so it runs beside the other suites' Asterisk instances
     pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data],
                       agents={"agent1": free_sip_port()}, dialplan=dialplan, rtp_ports=(22000, 23999))
-    try:
-        pbx.start()
-    except Exception:
-        app.stop()
-        raise
-    try:
+    with running(app, pbx):
         yield {"pbx": pbx, "app": app, "url": pg_url, "work": work, "sip": f"127.0.0.1:{pbx.sip_port}"}
-    finally:
-        pbx.stop()
-        app.stop()
 
 
 def channels_in_agi(pbx: AsteriskPbx) -> int:

@@ -3,11 +3,13 @@ its config file, a clean database with the test directory loaded, the rendered d
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -100,3 +102,15 @@ level = "DEBUG"
     include = data / "asterisk-shopcall.conf"
     app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
     return app, data, include
+
+
+@contextlib.contextmanager
+def running(app: Shopcall, pbx) -> Iterator[None]:
+    """`shopcall serve`, then Asterisk (an AsteriskPbx); both stopped after, or if Asterisk fails to start."""
+    app.start()
+    try:
+        pbx.start()
+        yield
+    finally:
+        pbx.stop()
+        app.stop()
