@@ -16,7 +16,6 @@ from psycopg.types.json import Jsonb
 # shopcall.api imports this module while it loads; only its names at call time are used here
 from shopcall import api, events, scripts
 from shopcall.call import check_number
-from shopcall.campaigns import SCENARIOS
 from shopcall.hours import parse_weekly
 from shopcall.phone import to_e164
 
@@ -154,8 +153,8 @@ async def patch_campaign(request: web.Request) -> web.StreamResponse:
 def _script_params(request: web.Request) -> tuple[str, str, str]:
     q = api._query(request, {"segment", "language"})
     scenario = request.match_info["scenario"]
-    if scenario not in SCENARIOS:
-        raise api.ApiError(404, f"no scenario {scenario!r}", {"allowed": list(SCENARIOS)})
+    if scenario not in scripts.DEFAULTS:
+        raise api.ApiError(404, f"no scenario {scenario!r}", {"allowed": list(scripts.DEFAULTS)})
     segment = q.get("segment", "default")
     if not 0 < len(segment) <= 64 or not segment.isprintable():
         raise api.ApiError(400, "segment: 1..64 printable characters", {"parameter": "segment"})
@@ -221,7 +220,7 @@ def openapi_paths(err, ok, auth_errors: dict) -> dict:
     seg_lang = [{"name": "segment", "in": "query", "schema": {"type": "string", "default": "default"}},
                 {"name": "language", "in": "query", "schema": {"type": "string", "enum": ["ru", "en"]}}]
     scenario = {"name": "scenario", "in": "path", "required": True, "schema": {"type": "string",
-                                                                              "enum": list(SCENARIOS)}}
+                                                                              "enum": list(scripts.DEFAULTS)}}
     part = {"name": "part", "in": "path", "required": True, "schema": {"type": "string"}}
     event_types = sorted(events.SPECS)
     return {

@@ -23,8 +23,6 @@ from shopcall import hours
 
 log = logging.getLogger("shopcall.campaigns")
 
-SCENARIOS = ("cart_followup", "back_in_stock", "order_confirmation", "delivery_status")
-OUTCOMES = ("answered", "busy", "no_answer", "failed", "machine", "hangup", "lost")
 
 
 @dataclass(frozen=True)

@@ -507,3 +507,9 @@ async def test_script_values_with_quotes_and_newlines_reach_only_the_tts_text(ap
     call, d = await start(app, conn, {**CART, "product": product}, keys=["2"])
     assert product in said(call)[1]
     assert not any(a[0] == "set" for a in call.actions)  # nothing of it became a variable
+
+
+def test_every_scenario_has_a_dialogue_default_words_and_a_sample():
+    from shopcall.flows.outbound import SCENARIOS
+
+    assert set(SCENARIOS) == set(scripts.DEFAULTS) == set(scripts.SAMPLES)
