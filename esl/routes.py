@@ -40,10 +40,11 @@ def call_info(channel: Event, flow: str) -> CallInfo:
 
 def esl_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
     config = app.config
-    # recordings: FreeSWITCH is expected to see our recordings dir under the same path
+    # the same directories as FreeSWITCH sees them (another host, a chroot): record and record_session
+    # write where we later read the file, as asterisk.recordings_path does for MixMonitor
     to_pbx = path_mapper(
         (config.sounds_dir, config.freeswitch.sounds_path or config.sounds_dir),
-        (config.recordings_dir, config.recordings_dir),
+        (config.recordings_dir, config.freeswitch.recordings_path or config.recordings_dir),
     )
 
     def route(name: str, flow: Flow) -> Handler:

@@ -307,6 +307,8 @@ class FreeswitchConfig:
         "user/{endpoint}", str, 'a string containing "{endpoint}"', _check_endpoint_template
     )
     sounds_path: Path | None = _setting(None, str, "a path", final=_path_or_none)
+    # recordings_dir as FreeSWITCH sees it (another host, a chroot): record/record_session write there
+    recordings_path: Path | None = _setting(None, str, "a path", final=_path_or_none)
     context: str = _setting("shopcall", str, "a dialplan context name", _check_context_prefix)
     fallback_group: str = _setting("sales", str, "a non-empty group name", _nonempty)
     # the dialler's originate to a customer through your gateway; dialler_enabled: campaigns with

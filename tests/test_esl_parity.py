@@ -1,0 +1,73 @@
+"""What FreeSWITCH needed beyond the shared flows (issue 5): the paths FreeSWITCH sees for our recordings,
+prompt files it can play as stored, mod_say for numbers/money/dates, and AMD with mod_avmd. Each runs a
+flow through `esl_routes` (the config decides) against the scripted FreeSWITCH of tests/esl_peer.py."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+from esl.routes import esl_routes
+from esl.server import EslServer
+from shopcall.config import Config, FreeswitchConfig, PathsConfig
+from tests.esl_peer import Caller, FsPeer
+from tests.scripted import PromptNames
+
+
+def fs_config(tmp_path: Path, **freeswitch) -> Config:
+    return replace(Config.default(), paths=PathsConfig(data_dir=tmp_path),
+                   freeswitch=FreeswitchConfig(**freeswitch))
+
+
+async def on_route(config: Config, flow, caller: Caller | None = None, *, prompts=None,
+                   **peer) -> tuple[FsPeer, object]:
+    """One call from the peer to `flow(call, app)` routed as production routes it; returns the peer and
+    what the flow returned."""
+    out: dict[str, object] = {}
+
+    async def named(call, app):
+        out["value"] = await flow(call, app)
+
+    app = SimpleNamespace(config=config, prompts=prompts or PromptNames())
+    server = EslServer(esl_routes(app, {"t": named}), port=0, command_timeout=2)
+    await server.start()
+    variables = {"shopcall_flow": "t"} | peer.pop("variables", {})
+    fs = FsPeer(server.port, caller, variables=variables, **peer)
+    try:
+        await asyncio.wait_for(fs.run(), 15)
+        await asyncio.wait_for(asyncio.gather(*server.active), 5)
+    finally:
+        await server.stop()
+    return fs, out.get("value")
+
+
+def args_of(peer: FsPeer, app: str) -> list[str]:
+    return [arg for name, arg in peer.apps if name == app]
+
+
+# -- 4. freeswitch.recordings_path ---------------------------------------------------------------------
+
+
+async def test_recordings_are_written_where_freeswitch_sees_our_recordings_dir(tmp_path):
+    config = fs_config(tmp_path, recordings_path=Path("/srv/fs/rec"))
+    local = config.recordings_dir
+
+    async def flow(call, app):
+        result = await call.record(local / "voicemail" / "2026" / "m.wav", max_seconds=5, beep=False)
+        await call.start_recording(local / "2026" / "11" / "25" / "c.wav")
+        return result
+
+    peer, result = await on_route(config, flow)
+    assert args_of(peer, "record") == ["/srv/fs/rec/voicemail/2026/m.wav 5 200 5"]
+    assert args_of(peer, "record_session") == ["/srv/fs/rec/2026/11/25/c.wav"]
+    assert result.path == local / "voicemail" / "2026" / "m.wav"  # we read it back from our side
+    assert (local / "voicemail" / "2026").is_dir()
+
+
+async def test_without_recordings_path_freeswitch_uses_our_path(tmp_path):
+    config = fs_config(tmp_path)
+    target = config.recordings_dir / "x.wav"
+    peer, _ = await on_route(config, lambda call, app: call.start_recording(target))
+    assert args_of(peer, "record_session") == [str(target)]
