@@ -11,6 +11,8 @@ Facts from the captured transcripts that shape this file:
   `DIALSTATUS=NOANSWER`); who answered is `last_bridge_to`, the uuid of the answering leg, which we
   choose ourselves per leg (`[origination_uuid=...]`) to know the endpoint.
 - `record` reports `record_ms` of audio actually written, not wall time (1 s of tone in a 6 s record).
+- Prompt files: mod_sndfile opens raw .ulaw/.alaw/.gsm by their extension (its source lists them beside
+  the libsndfile formats), so a recording stored only in Asterisk's formats plays without conversion.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from shopcall.call import (
     RecordResult,
     SoundSource,
 )
+from shopcall.prompts import CUSTOM_EXTS
+from shopcall.tts import with_ext
 
 log = logging.getLogger("shopcall.esl")
 
@@ -65,6 +69,10 @@ RINGBACK = "%(1000,4000,425)"  # what the caller hears while agents ring (our ch
 DIGITS_VAR = "shopcall_digits"
 RECORD_THRESHOLD = 200  # energy below which a frame counts as silence
 ON_DEMAND_KEY = "2"  # with FreeSWITCH's meta key: the agent dials *2 to start recording
+# mod_sndfile (in every FreeSWITCH) opens .wav by its header and raw .ulaw/.alaw/.gsm (8 kHz, G.711 and
+# GSM 6.10, the files Asterisk uses) by extension; .sln/.sln16/.g722/.wav16 it does not know
+PLAYABLE = ("wav", "ulaw", "alaw", "gsm")
+_unplayable: set[Path] = set()  # prompts already warned about
 
 
 class EslCall(Call):
@@ -103,7 +111,17 @@ class EslCall(Call):
             self._set[name] = value
 
     def _file(self, sound: Path) -> str:
-        return protocol.check_file(self.pbx_path(sound) + ".wav")
+        """The file of a sound (a base path) FreeSWITCH plays: the first of the formats its mod_sndfile
+        opens by extension that is there (a recorded prompt may be only .ulaw or .gsm)."""
+        ext = next((e for e in PLAYABLE if with_ext(sound, e).is_file()), None)
+        if ext is None:
+            stored = [e for e in CUSTOM_EXTS if with_ext(sound, e).is_file()]
+            if stored and sound not in _unplayable:
+                _unplayable.add(sound)
+                log.warning("%s: FreeSWITCH cannot play %s as stored (.%s): add a .wav, .ulaw, .alaw or .gsm",
+                            self.info.uniqueid, sound, ", .".join(stored))
+            ext = "wav"  # what we synthesise; also for a path only FreeSWITCH's side has
+        return protocol.check_file(f"{self.pbx_path(sound)}.{ext}")
 
     # -- primitives -----------------------------------------------------------------------------
 

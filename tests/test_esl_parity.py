@@ -71,3 +71,50 @@ async def test_without_recordings_path_freeswitch_uses_our_path(tmp_path):
     target = config.recordings_dir / "x.wav"
     peer, _ = await on_route(config, lambda call, app: call.start_recording(target))
     assert args_of(peer, "record_session") == [str(target)]
+
+
+# -- 2. prompt files FreeSWITCH can play as they are stored -----------------------------------------------
+
+
+class Recorded(PromptNames):
+    """Prompt ids resolve to a custom recordings folder, as Prompts.path() returns a recording's base."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    async def path(self, prompt_id: str, lang: str) -> Path:
+        return self.folder / lang / prompt_id
+
+
+async def test_recorded_prompts_play_in_the_format_they_are_stored(tmp_path, caplog):
+    custom = tmp_path / "custom"
+    (custom / "ru").mkdir(parents=True)
+    for name, exts in {"greeting": ["ulaw"], "goodbye": ["gsm"], "connecting": ["alaw", "ulaw"],
+                       "main_menu": ["wav", "ulaw", "gsm"], "after_hours": ["sln16"]}.items():
+        for ext in exts:
+            (custom / "ru" / f"{name}.{ext}").write_bytes(b"\xff" * 800)
+    config = fs_config(tmp_path)
+
+    async def flow(call, app):
+        await call.play("greeting", "goodbye", "connecting", "main_menu", "after_hours", "after_hours")
+        await call.ask("greeting")
+
+    peer, _ = await on_route(config, flow, prompts=Recorded(custom))
+    played = [Path(a).name for a in args_of(peer, "playback")]
+    # mod_sndfile opens raw .ulaw/.alaw/.gsm by extension: no conversion, the recording plays as stored
+    assert played == ["greeting.ulaw", "goodbye.gsm", "connecting.ulaw", "main_menu.wav",
+                      "after_hours.wav", "after_hours.wav"]
+    assert args_of(peer, "play_and_get_digits")[0].split(" ")[5] == str(custom / "ru" / "greeting.ulaw")
+    warned = [r.getMessage() for r in caplog.records if "cannot play" in r.getMessage()]
+    assert len(warned) == 1 and "after_hours" in warned[0] and ".sln16" in warned[0]  # once, naming the fix
+
+
+async def test_synthesised_prompts_keep_playing_the_wav(tmp_path):
+    sounds = tmp_path / "sounds"
+    (sounds / "ru").mkdir(parents=True)
+    for ext in ("wav", "ulaw"):  # what `shopcall prompts build` writes
+        (sounds / "ru" / f"greeting.{ext}").write_bytes(b"\x00" * 800)
+    config = fs_config(tmp_path, sounds_path=Path("/usr/share/freeswitch/sounds/shopcall"))
+    peer, _ = await on_route(config, lambda call, app: call.play("greeting"), prompts=Recorded(sounds))
+    assert args_of(peer, "playback") == ["/usr/share/freeswitch/sounds/shopcall/ru/greeting.wav"]
