@@ -5,5 +5,6 @@
 - `session` + `server`: the outbound socket (`socket host:port async full` connects to us), one task per
   call, routed by the channel variable `shopcall_flow`;
 - `call`: `EslCall`, the Call vocabulary over it; `routes`: flows as routes;
+- `modules`: which optional FreeSWITCH modules (mod_say_*, mod_avmd) are loaded, asked once in a while;
 - `client`: the inbound client (port 8021) for originating calls.
 """

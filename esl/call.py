@@ -11,6 +11,9 @@ Facts from the captured transcripts that shape this file:
   `DIALSTATUS=NOANSWER`); who answered is `last_bridge_to`, the uuid of the answering leg, which we
   choose ourselves per leg (`[origination_uuid=...]`) to know the endpoint.
 - `record` reports `record_ms` of audio actually written, not wall time (1 s of tone in a 6 s record).
+- `say` (mod_dptools) takes `<lang> <type> <method> <text>`; mod_say_ru/en read at most nine digits, no
+  sign for a count, money as `12.50` (roubles or dollars in Russian, dollars only in English), a date as
+  an epoch in the channel's `timezone`; keys end it as they end a playback (playback_terminators).
 - Prompt files: mod_sndfile opens raw .ulaw/.alaw/.gsm by their extension (its source lists them beside
   the libsndfile formats), so a recording stored only in Asterisk's formats plays without conversion.
 """
@@ -18,13 +21,19 @@ Facts from the captured transcripts that shape this file:
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
+from datetime import date, datetime
+from datetime import time as dt_time
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from agi.call import sound_seconds
 from esl import protocol
+from esl.modules import Modules
 from esl.protocol import Event
 from esl.session import OutboundSession
 from shopcall.call import (
@@ -73,6 +82,10 @@ ON_DEMAND_KEY = "2"  # with FreeSWITCH's meta key: the agent dials *2 to start r
 # GSM 6.10, the files Asterisk uses) by extension; .sln/.sln16/.g722/.wav16 it does not know
 PLAYABLE = ("wav", "ulaw", "alaw", "gsm")
 _unplayable: set[Path] = set()  # prompts already warned about
+SAY_MAX = 999_999_999  # mod_say_ru/en read at most nine digits of a number (and of roubles, dollars)
+SAY_SECONDS = 20.0  # a say plays a handful of short files; a date, the longest, takes ~5 s
+_DIGITS = re.compile(r"[0-9]{1,64}")
+_AMOUNT = re.compile(r"-?[0-9]{1,9}(\.[0-9]{2})?")
 
 
 class EslCall(Call):
@@ -85,12 +98,18 @@ class EslCall(Call):
         endpoint_template: str = "user/{endpoint}",
         pbx_path: Callable[[Path], str] = str,
         max_call_seconds: int = 14400,
+        say: str = "tts",
+        timezone: str = "Europe/Moscow",
+        modules: Modules | None = None,
     ) -> None:
         super().__init__(info, sounds)
         self.session = session
         self.endpoint_template = endpoint_template
         self.pbx_path = pbx_path  # our path of a file -> the path FreeSWITCH sees
         self.max_call_seconds = max_call_seconds
+        self.say_engine = say  # freeswitch.say: "tts" (the shared prompts) or "mod_say"
+        self.timezone = timezone  # the day a date names is taken in this zone (shop.timezone)
+        self.modules = modules or Modules()
         self._set: dict[str, str] = {}  # channel variables we set, to skip repeating a `set`
         self._recording = ""  # the record_session file, for stop_record_session
 
@@ -129,19 +148,65 @@ class EslCall(Call):
         await self._run("answer", timeout=self._slack)
 
     async def stream(self, sound: Path, *, escape: str = "") -> str | None:
-        # playback stops on a key listed in playback_terminators (FreeSWITCH's default is "*")
+        return await self._play("playback", self._file(sound), escape, timeout=sound_seconds(sound) + self._slack)
+
+    async def _play(self, app: str, arg: str, escape: str, *, timeout: float) -> str | None:
+        """playback or say: both stop on a key listed in playback_terminators (FreeSWITCH's default "*")."""
         await self._ensure("playback_terminators", _key_set(escape) or "none")
         started = len(self.session.dtmf)
-        ev = await self._run("playback", self._file(sound), timeout=sound_seconds(sound) + self._slack)
+        ev = await self._run(app, arg, timeout=timeout)
         response = ev.get("Application-Response")
-        if response not in ("FILE PLAYED", ""):
-            log.warning("%s: playback of %s: %s", self.info.uniqueid, sound, response)
+        if response not in ("FILE PLAYED", "", "_none_"):
+            log.warning("%s: %s %s: %s", self.info.uniqueid, app, arg, response)
         if not escape:
             return None
         key = ev.var("playback_terminator_used") or ""
         if not key:  # fall back to the DTMF events seen while it played
             key = next((d for d in self.session.dtmf[started:] if d in escape), "")
         return key[:1] or None
+
+    # -- say: FreeSWITCH's mod_say when freeswitch.say = "mod_say", else the shared TTS words --------
+    # Only values mod_say reads right reach it, checked and formatted here (nothing is pasted); anything
+    # else (a negative count, an order number with letters, roubles in English) is said by the TTS.
+
+    async def say_number(self, n: int, **kw: bool) -> str | None:
+        value = str(n) if type(n) is int and 0 <= n <= SAY_MAX else None  # mod_say reads 9 digits at most
+        if value and await self._mod_say():
+            return await self._say("number pronounced", value, **kw)
+        return await super().say_number(n, **kw)
+
+    async def say_digits(self, digits: str, **kw: bool) -> str | None:
+        if _DIGITS.fullmatch(digits) and await self._mod_say():
+            return await self._say("number iterated", digits, **kw)
+        return await super().say_digits(digits, **kw)
+
+    async def say_money(self, amount: Decimal | int, currency: str = "RUB", **kw: bool) -> str | None:
+        # mod_say_ru knows roubles and dollars (channel variable `currency`), mod_say_en dollars only
+        unit = {"ru": {"RUB": "ruble", "USD": "dollar"}, "en": {"USD": ""}}[self.language].get(currency)
+        value = _money(amount) if unit is not None else None
+        if value and await self._mod_say():
+            if unit:
+                await self._ensure("currency", unit)
+            return await self._say("currency pronounced", value, **kw)
+        return await super().say_money(amount, currency, **kw)
+
+    async def say_date(self, d: date, **kw: bool) -> str | None:
+        if await self._mod_say():
+            # mod_say reads a date from an epoch, in the channel's `timezone`: noon there names the day
+            await self._ensure("timezone", self.timezone)
+            noon = datetime.combine(date(d.year, d.month, d.day), dt_time(12), ZoneInfo(self.timezone))
+            return await self._say("current_date pronounced", str(int(noon.timestamp())), **kw)
+        return await super().say_date(d, **kw)
+
+    async def _mod_say(self) -> bool:
+        if self.say_engine != "mod_say" or self.session.hung_up or self.session.conn.closed:
+            return False
+        return await self.modules.loaded(self.session.api, f"mod_say_{self.language}",
+                                         without=f"freeswitch.say = mod_say speaks {self.language} with our TTS")
+
+    async def _say(self, what: str, value: str, *, interruptible: bool = False) -> str | None:
+        escape = ALL_KEYS if interruptible else ""
+        return await self._play("say", f"{self.language} {what} {value}", escape, timeout=SAY_SECONDS + self._slack)
 
     async def collect(self, sound: Path | None, *, max_digits: int, timeout: float) -> str | None:
         prompt = self._file(sound) if sound is not None else SILENCE
@@ -263,6 +328,16 @@ class EslCall(Call):
 
     async def hangup(self, cause: str = "normal") -> None:
         await self.session.hangup(_CAUSES.get(cause, "NORMAL_CLEARING"))
+
+
+def _money(amount: Decimal | int) -> str | None:
+    """12.5 -> "12.50", 12 -> "12" (mod_say_en would add "and zero cents"); None beyond 9 digits."""
+    value = Decimal(str(amount)) if isinstance(amount, float) else Decimal(amount)
+    if not value.is_finite() or abs(value) >= SAY_MAX + 1:  # whole units: nine digits at most
+        return None
+    value = abs(value) if value == 0 else value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    text = f"{value:.0f}" if value == value.to_integral_value() else f"{value:.2f}"
+    return text if _AMOUNT.fullmatch(text) else None
 
 
 def _key_set(escape: str) -> str:

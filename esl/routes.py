@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from agi.routes import path_mapper
 from esl.call import EslCall
+from esl.modules import Modules
 from esl.protocol import Event
 from esl.server import Handler
 from esl.session import OutboundSession
@@ -47,6 +48,8 @@ def esl_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
         (config.recordings_dir, config.freeswitch.recordings_path or config.recordings_dir),
     )
 
+    modules = Modules()  # one view of FreeSWITCH's optional modules for every call of this server
+
     def route(name: str, flow: Flow) -> Handler:
         async def handle(session: OutboundSession, channel: Event) -> None:
             call = EslCall(
@@ -56,6 +59,9 @@ def esl_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
                 endpoint_template=config.freeswitch.endpoint_template,
                 pbx_path=to_pbx,
                 max_call_seconds=config.agi.max_call_seconds,
+                say=config.freeswitch.say,
+                timezone=config.shop.timezone,
+                modules=modules,
             )
             await flow(call, app)
 

@@ -311,6 +311,9 @@ class FreeswitchConfig:
     recordings_path: Path | None = _setting(None, str, "a path", final=_path_or_none)
     context: str = _setting("shopcall", str, "a dialplan context name", _check_context_prefix)
     fallback_group: str = _setting("sales", str, "a non-empty group name", _nonempty)
+    # numbers, digits, money, dates: "tts" = our espeak prompts (both PBXes sound alike), "mod_say" =
+    # FreeSWITCH's say application with its own recorded sound files (mod_say_ru / mod_say_en)
+    say: str = _setting("tts", str, "one of tts, mod_say", _one_of(("tts", "mod_say")))
     # the dialler's originate to a customer through your gateway; dialler_enabled: campaigns with
     # pbx = "freeswitch" are dialled through the inbound event socket (esl_host:esl_port)
     trunk_template: str = _setting(

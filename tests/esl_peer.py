@@ -55,6 +55,11 @@ def _captured() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 
 CONNECT_TEMPLATE, EVENT_TEMPLATE = _captured()
+# what a vanilla modules.conf.xml loads among the modules we ask about (mod_say_ru and mod_avmd are not)
+VANILLA_MODULES = frozenset({"mod_commands", "mod_dptools", "mod_sndfile", "mod_say_en", "mod_event_socket"})
+# applications of optional modules: FreeSWITCH hangs the channel up (DESTINATION_OUT_OF_ORDER) when told
+# to run one whose module is not loaded ("Invalid Application", switch_core_session.c)
+APP_MODULES = {"avmd_start": "mod_avmd", "avmd_stop": "mod_avmd", "avmd": "mod_avmd"}
 
 
 @dataclass
@@ -93,6 +98,7 @@ class FsPeer:
         uuid: str | None = None,
         split: bool = True,
         host: str = "127.0.0.1",
+        modules: frozenset[str] | set[str] = VANILLA_MODULES,
     ) -> None:
         self.host, self.port = host, port
         self.caller = caller or Caller()
@@ -110,6 +116,9 @@ class FsPeer:
         self.linger: int | None = None
         self.late_replies = 0  # "+OK" sent to commands that arrived after the hangup (linger)
         self.answered = False
+        self.modules = set(modules)
+        self.said: list[str] = []  # say arguments a loaded mod_say_* spoke
+        self.subscribed: list[str] = []  # what `event plain ...` added to myevents
         self._seq = 1000
         self._writer: asyncio.StreamWriter | None = None
 
@@ -233,6 +242,9 @@ class FsPeer:
             await self._write(self.reply(f"+OK will linger {rest} seconds" if rest else "+OK will linger"))
         elif word == "resume":
             await self._write(self.reply("+OK"))
+        elif word == "event":
+            self.subscribed += rest.split(" ")[1:]
+            await self._write(self.reply("+OK event listener enabled plain"))
         elif word == "exit":
             await self._write(self.reply("+OK bye"), self.notice("disconnect"))
             self._writer.close()
@@ -255,6 +267,8 @@ class FsPeer:
             if words[2] == "caller_id_name":
                 return self.name or "_undef_"
             return self.vars.get(words[2], "_undef_")  # raw UTF-8, no trailing newline (captured)
+        if words[0] == "module_exists" and len(words) == 2:
+            return "true" if words[1] in self.modules else "false"  # no newline (mod_commands)
         return f"-ERR {words[0]} Command not found!\n"
 
     async def _sendmsg(self, headers: dict[str, str]) -> None:
@@ -271,6 +285,9 @@ class FsPeer:
         self.apps.append((app, arg))
         await self._write(self.reply("+OK"))
         await asyncio.sleep(0)
+        if app in APP_MODULES and APP_MODULES[app] not in self.modules:
+            await self._hangup("DESTINATION_OUT_OF_ORDER")  # no CHANNEL_EXECUTE: it never started
+            return
         started = {"Application": app, "Application-Data": arg, "Application-UUID": app_uuid}
         await self._write(self.event("CHANNEL_EXECUTE", tail=started))
         if self.caller.hang_up_on == app:
@@ -308,16 +325,29 @@ class FsPeer:
         return [], "_none_"
 
     def _app_playback(self, arg: str):
+        interrupted = self._terminated()
+        self.vars.update(playback_ms="640" if interrupted else "2000",
+                         playback_samples="5120" if interrupted else "16000")
+        return interrupted, "FILE PLAYED"
+
+    def _terminated(self) -> list[bytes]:
+        """The caller's greeting key, if a key of playback_terminators (default "*") ends what plays."""
         self.vars.pop("playback_terminator_used", None)
         terminators = self.vars.get("playback_terminators", "*")
         key = self.caller.greeting_key
         if key and terminators != "none" and key in terminators:
             self.caller.greeting_key = None
             self.vars["playback_terminator_used"] = key
-            self.vars.update(playback_ms="640", playback_samples="5120")
-            return [self._dtmf(key)], "FILE PLAYED"
-        self.vars.update(playback_ms="2000", playback_samples="16000")
-        return [], "FILE PLAYED"
+            return [self._dtmf(key)]
+        return []
+
+    def _app_say(self, arg: str):
+        # mod_dptools: `<module>[:<lang>] <type> <method> [<gender>] <text>`, 4 or 5 words; a module that
+        # is not loaded logs "Invalid SAY Interface" and says nothing
+        words = arg.split(" ")
+        if len(words) in (4, 5) and f"mod_say_{words[0].split(':')[0]}" in self.modules:
+            self.said.append(arg)
+        return self._terminated(), "_none_"
 
     def _app_play_and_get_digits(self, arg: str):
         parts = arg.split(" ")

@@ -5,14 +5,19 @@ flow through `esl_routes` (the config decides) against the scripted FreeSWITCH o
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import replace
+from datetime import date, datetime
+from datetime import time as dt_time
+from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
+from zoneinfo import ZoneInfo
 
 from esl.routes import esl_routes
 from esl.server import EslServer
 from shopcall.config import Config, FreeswitchConfig, PathsConfig
-from tests.esl_peer import Caller, FsPeer
+from tests.esl_peer import VANILLA_MODULES, Caller, FsPeer
 from tests.scripted import PromptNames
 
 
@@ -118,3 +123,93 @@ async def test_synthesised_prompts_keep_playing_the_wav(tmp_path):
     config = fs_config(tmp_path, sounds_path=Path("/usr/share/freeswitch/sounds/shopcall"))
     peer, _ = await on_route(config, lambda call, app: call.play("greeting"), prompts=Recorded(sounds))
     assert args_of(peer, "playback") == ["/usr/share/freeswitch/sounds/shopcall/ru/greeting.wav"]
+
+
+# -- 1. say via mod_say -------------------------------------------------------------------------------------
+
+
+class Spoken(PromptNames):
+    """The TTS side: remembers the texts it was asked to synthesise (files named by hash, as the cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    async def say_text(self, text: str, lang: str) -> Path:
+        self.texts.append(text)
+        return Path(f"/tts/{lang}/{hashlib.sha1(text.encode()).hexdigest()}")
+
+
+def noon_in_moscow(d: date) -> str:
+    return str(int(datetime.combine(d, dt_time(12), ZoneInfo("Europe/Moscow")).timestamp()))
+
+
+async def test_mod_say_speaks_numbers_digits_money_and_dates_in_russian(tmp_path):
+    config = fs_config(tmp_path, say="mod_say")
+
+    async def flow(call, app):
+        await call.say_number(42)
+        await call.say_digits("0123")
+        await call.say_money(Decimal("12.5"))
+        await call.say_money(1500)
+        await call.say_date(date(2026, 12, 3))
+        await call.say_money(Decimal("7.05"), "USD")
+
+    tts = Spoken()
+    peer, _ = await on_route(config, flow, prompts=tts, modules=VANILLA_MODULES | {"mod_say_ru"})
+    assert peer.said == ["ru number pronounced 42", "ru number iterated 0123", "ru currency pronounced 12.50",
+                         "ru currency pronounced 1500",
+                         f"ru current_date pronounced {noon_in_moscow(date(2026, 12, 3))}",
+                         "ru currency pronounced 7.05"]
+    # mod_say_ru takes the currency and the date's zone from channel variables, set once each
+    assert args_of(peer, "set") == ["playback_terminators=none", "currency=ruble", "timezone=Europe/Moscow",
+                                    "currency=dollar"]
+    assert tts.texts == [] and args_of(peer, "playback") == []
+    assert [c for c in peer.commands if c.startswith("api")] == ["api module_exists mod_say_ru"]  # asked once
+
+
+async def test_mod_say_in_english_and_what_it_cannot_say_goes_to_the_tts(tmp_path):
+    config = fs_config(tmp_path, say="mod_say")
+
+    async def flow(call, app):
+        await call.say_number(7)
+        await call.say_money(Decimal("12.50"), "USD")
+        await call.say_money(Decimal("990"), "RUB")  # mod_say_en knows dollars only
+        await call.say_number(-3)  # mod_say reads no sign
+        await call.say_number(1_000_000_000)  # nor ten digits
+        await call.say_digits("12-34")  # nor a dash: only plain digits are handed over
+        await call.say_digits("١٢3")  # Arabic-Indic digits are digits to Python, not to mod_say
+        await call.say_money(Decimal("5"), "EUR")
+
+    tts = Spoken()
+    peer, _ = await on_route(config, flow, prompts=tts, variables={"shopcall_language": "en"})
+    assert peer.said == ["en number pronounced 7", "en currency pronounced 12.50"]
+    assert tts.texts == ["nine hundred and ninety roubles", "minus three", "one billion", "one two, three four",
+                         "three", "five euro"]
+    assert "currency=" not in " ".join(args_of(peer, "set"))
+
+
+async def test_tts_stays_the_default_and_mod_say_is_never_asked(tmp_path):
+    tts = Spoken()
+    peer, _ = await on_route(fs_config(tmp_path), lambda call, app: call.say_number(42), prompts=tts)
+    assert tts.texts == ["сорок два"] and args_of(peer, "say") == []
+    assert not [c for c in peer.commands if c.startswith("api")]
+
+
+async def test_a_missing_say_module_falls_back_to_the_tts_and_is_logged_once(tmp_path, caplog):
+    async def flow(call, app):
+        await call.say_number(1)
+        await call.say_date(date(2026, 1, 7))
+
+    tts = Spoken()
+    peer, _ = await on_route(fs_config(tmp_path, say="mod_say"), flow, prompts=tts)  # vanilla: no mod_say_ru
+    assert args_of(peer, "say") == [] and tts.texts == ["один", "седьмое января"]
+    warned = [r.getMessage() for r in caplog.records if "mod_say_ru" in r.getMessage()]
+    assert len(warned) == 1 and "TTS" in warned[0]
+
+
+async def test_a_key_interrupts_mod_say_like_a_prompt(tmp_path):
+    config = fs_config(tmp_path, say="mod_say")
+    peer, key = await on_route(config, lambda call, app: call.say_number(42, interruptible=True),
+                               Caller(greeting_key="5"), modules=VANILLA_MODULES | {"mod_say_ru"})
+    assert key == "5" and args_of(peer, "set")[0] == "playback_terminators=0123456789*#"
