@@ -43,6 +43,7 @@ from shopcall.call import (
     DialResult,
     DialStatus,
     DialStrategy,
+    PbxError,
     RecordResult,
     SoundSource,
 )
@@ -85,6 +86,10 @@ _unplayable: set[Path] = set()  # prompts already warned about
 SAY_MAX = 999_999_999  # mod_say_ru/en read at most nine digits of a number (and of roubles, dollars)
 SAY_SECONDS = 20.0  # a say plays a handful of short files; a date, the longest, takes ~5 s
 _DIGITS = re.compile(r"[0-9]{1,64}")
+AMD_VARIABLE = "shopcall_amd"  # "1": the dialler's originate asks for AMD (the campaign's amd)
+AVMD_BEEP = "avmd::beep"  # mod_avmd's CUSTOM event (Beep-Status: DETECTED); it also sets avmd_detect=TRUE
+AMD_SILENCE_FRAMES = 40  # 20 ms frames: 0.8 s of silence after speech ends the wait (AMD's afterGreetingSilence)
+AMD_SPEECH_FRAMES = 5  # 0.1 s of sound before the silence counts
 _AMOUNT = re.compile(r"-?[0-9]{1,9}(\.[0-9]{2})?")
 
 
@@ -207,6 +212,36 @@ class EslCall(Call):
     async def _say(self, what: str, value: str, *, interruptible: bool = False) -> str | None:
         escape = ALL_KEYS if interruptible else ""
         return await self._play("say", f"{self.language} {what} {value}", escape, timeout=SAY_SECONDS + self._slack)
+
+    # -- AMD: mod_avmd hears a voicemail's beep --------------------------------------------------
+
+    async def detect_machine(self, seconds: int) -> str:
+        """Before the robot speaks, as AMD() does on Asterisk: mod_avmd listens to the callee while
+        wait_for_silence waits for them to speak and pause (a person's "Алло?"), or for a voicemail's
+        greeting, its beep and the silence of its recording, `seconds` at most. A beep heard means
+        MACHINE; otherwise NOTSURE (mod_avmd tells beeps, not voices); HANGUP when the callee left; ""
+        when mod_avmd is not loaded, and the call goes on without AMD (running its application there
+        would make FreeSWITCH hang the call up). Detection stops before the robot speaks."""
+        try:
+            if not await self.modules.loaded(self.session.api, "mod_avmd",
+                                             without="AMD is unavailable on FreeSWITCH, robot calls go on without it"):
+                return ""
+            await self.session.subscribe("CUSTOM", AVMD_BEEP)  # not part of myevents
+            # the customer's audio: the read side of our originated (outbound) channel
+            await self._run("avmd_start", "inbound_channel=0,outbound_channel=1", timeout=self._slack)
+            listened = await self._run("wait_for_silence", f"{RECORD_THRESHOLD} {AMD_SILENCE_FRAMES} "
+                                       f"{AMD_SPEECH_FRAMES} {int(seconds) * 1000}", timeout=seconds + self._slack)
+            stopped = await self._run("avmd_stop", timeout=self._slack)
+        except CallEnded:
+            return "HANGUP"
+        except PbxError as exc:  # the robot still talks to the customer, only without AMD
+            log.warning("%s: AMD failed, the call goes on without it: %s", self.info.uniqueid, exc)
+            return ""
+        beep = "TRUE" in (listened.var("avmd_detect"), stopped.var("avmd_detect")) or any(
+            ev.get("Event-Subclass") == AVMD_BEEP for ev in self.session.custom)
+        verdict = "MACHINE" if beep else "NOTSURE"
+        log.info("%s: AMD (mod_avmd, %d s): %s", self.info.uniqueid, seconds, verdict)
+        return verdict
 
     async def collect(self, sound: Path | None, *, max_digits: int, timeout: float) -> str | None:
         prompt = self._file(sound) if sound is not None else SILENCE

@@ -2,12 +2,15 @@
 the robot context of the rendered dialplan, which hands the answered call to our outbound-socket server.
 
 The customer's number reaches the dial string only after `check_number`; the channel's uuid is ours
-(origination_uuid), so a restarted dialler asks `uuid_exists` whether the call is still up. FreeSWITCH
-has no AMD of its own (mod_avmd is optional): a campaign with `amd` gets none here.
+(origination_uuid), so a restarted dialler asks `uuid_exists` whether the call is still up. A campaign
+with `amd` sets `shopcall_amd=1` on the call: once it is answered, our outbound-socket side runs mod_avmd
+before the robot speaks (EslCall.detect_machine), and a beep makes the flow settle it as "machine", as
+AMD() does on Asterisk. Without mod_avmd that side says so once in its log and the call goes on.
 """
 
 from __future__ import annotations
 
+from esl.call import AMD_VARIABLE
 from esl.client import EslClient
 from shopcall.call import PbxError, check_number
 from shopcall.config import Config
@@ -32,6 +35,8 @@ class FreeswitchOriginator:
         dial_string = self.trunk_template.format(number=check_number(phone))
         # the robot context's socket call passes shopcall_arg_* to the flow as its arguments
         pairs = {"shopcall_arg_attempt": variables["SHOPCALL_ATTEMPT"], "shopcall_action_id": action_id}
+        if variables.get("SHOPCALL_AMD") == "1":
+            pairs[AMD_VARIABLE] = "1"
         if caller_id:
             pairs["origination_caller_id_number"] = check_number(caller_id)
         try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from agi.routes import path_mapper
-from esl.call import EslCall
+from esl.call import AMD_VARIABLE, EslCall
 from esl.modules import Modules
 from esl.protocol import Event
 from esl.server import Handler
@@ -63,6 +64,10 @@ def esl_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
                 timezone=config.shop.timezone,
                 modules=modules,
             )
+            if channel.var(AMD_VARIABLE) == "1":  # a campaign with amd (esl/originator.py)
+                verdict = await call.detect_machine(config.freeswitch.amd_seconds)
+                if verdict:  # the flow reads it as on Asterisk, where AMD() gives outbound?amd=...
+                    call.info = replace(call.info, args={**call.info.args, "amd": verdict})
             await flow(call, app)
 
         return handle

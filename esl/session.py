@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 
 from esl import protocol
@@ -27,6 +28,7 @@ log = logging.getLogger("shopcall.esl")
 CONNECT_TIMEOUT = 5.0  # the connect reply comes at once; a peer that is not FreeSWITCH gets dropped
 HANGUP_GRACE = 3.0  # after CHANNEL_HANGUP, how long the running application may take to report
 LINGER_SECONDS = 30
+_EVENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(::[a-z0-9_]+)?$")  # CHANNEL_ANSWER, CUSTOM, avmd::beep
 
 
 class OutboundSession:
@@ -51,6 +53,7 @@ class OutboundSession:
         self.hangup_cause = ""
         self.finished = asyncio.Event()  # nothing more will come for this channel
         self.dtmf: list[str] = []
+        self.custom: list[Event] = []  # CUSTOM events subscribed to on top of myevents (avmd::beep)
         self._running: dict[str, asyncio.Future[Event]] = {}
         self._grace: asyncio.TimerHandle | None = None
         self._closing = False
@@ -102,6 +105,15 @@ class OutboundSession:
             if done.done() and not done.cancelled():
                 done.exception()  # released by a hangup while we were still waiting for the reply
 
+    async def subscribe(self, *names: str) -> None:
+        """More events of this channel than myevents gives (`CUSTOM avmd::beep`); its uuid filter stays."""
+        for name in names:
+            if not _EVENT_NAME.match(name):
+                raise ValueError(f"invalid event name {name!r}")
+        reply = await self._request(protocol.command("event plain " + " ".join(names)))
+        if not reply.ok:
+            raise PbxError(f"{self.tag}: event {' '.join(names)} refused: {reply.reply_text!r}")
+
     async def api(self, line: str) -> str:
         """`api <line>` on this socket; returns the body (raw UTF-8: Content-Length counted bytes)."""
         reply = await self._request(protocol.command("api " + line))
@@ -135,6 +147,8 @@ class OutboundSession:
                 done.set_result(ev)
         elif name == "DTMF":
             self.dtmf.append(ev.get("DTMF-Digit"))
+        elif name == "CUSTOM":
+            self.custom.append(ev)
         elif name == "CHANNEL_HANGUP":
             self._hung_up(ev)
             if self._running and self._grace is None:

@@ -314,6 +314,9 @@ class FreeswitchConfig:
     # numbers, digits, money, dates: "tts" = our espeak prompts (both PBXes sound alike), "mod_say" =
     # FreeSWITCH's say application with its own recorded sound files (mod_say_ru / mod_say_en)
     say: str = _setting("tts", str, "one of tts, mod_say", _one_of(("tts", "mod_say")))
+    # robot calls of campaigns with amd: how long mod_avmd listens for a voicemail's beep before the robot
+    # speaks (the wait ends sooner once the callee has spoken and paused)
+    amd_seconds: int = _number(8, int, lo=1, hi=60)
     # the dialler's originate to a customer through your gateway; dialler_enabled: campaigns with
     # pbx = "freeswitch" are dialled through the inbound event socket (esl_host:esl_port)
     trunk_template: str = _setting(

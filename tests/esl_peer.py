@@ -72,6 +72,7 @@ class Caller:
     talk_seconds: float = 42.0
     hang_up_on: str | None = None  # the first application of this name finds the caller hanging up
     busy: bool = False  # nobody answers because every agent is busy (USER_BUSY)
+    machine: bool = False  # a voicemail answered: its greeting ends in a beep that mod_avmd hears
 
 
 @dataclass
@@ -118,6 +119,7 @@ class FsPeer:
         self.answered = False
         self.modules = set(modules)
         self.said: list[str] = []  # say arguments a loaded mod_say_* spoke
+        self.avmd = False  # mod_avmd's media bug is on the channel
         self.subscribed: list[str] = []  # what `event plain ...` added to myevents
         self._seq = 1000
         self._writer: asyncio.StreamWriter | None = None
@@ -397,6 +399,40 @@ class FsPeer:
         self.vars.update(originate_disposition=cause, DIALSTATUS=dialstatus, originate_failed_cause=cause, last_bridge_hangup_cause=cause,
                          originate_causes="ARRAY::" + "|:".join(f"{u};{cause}" for u, _ in legs))
         return [], "_none_"
+
+    # mod_avmd (only when loaded, see APP_MODULES) and mod_dptools' wait_for_silence
+
+    def _app_avmd_start(self, arg: str):
+        self.avmd = True
+        return [], "_none_"
+
+    def _app_avmd_stop(self, arg: str):
+        self.avmd = False
+        return [], "_none_"
+
+    def _app_wait_for_silence(self, arg: str):
+        if not (self.avmd and self.caller.machine):
+            return [], "_none_"
+        # mod_avmd sets avmd_detect before it fires avmd::beep (mod_avmd.c); the event reaches a socket
+        # only when it subscribed to it (`event plain CUSTOM avmd::beep`): myevents has no CUSTOM
+        self.vars["avmd_detect"] = "TRUE"
+        if "avmd::beep" not in self.subscribed:
+            return [], "_none_"
+        beep = {"Beep-Status": "DETECTED", "Frequency": "1002.345678", "Frequency-variance": "0.000012",
+                "Amplitude": "2803.611206", "Amplitude-variance": "11.402841", "Detection-time": "112000"}
+        return [self.custom_event("avmd::beep", beep)], "_none_"
+
+    def custom_event(self, subclass: str, headers: dict[str, str]) -> bytes:
+        """A CUSTOM event as switch_event_create_subclass builds it: the core headers, Event-Subclass, then
+        the module's own (mod_avmd adds Unique-ID and Call-command; no channel data)."""
+        self._seq += 1
+        core = EVENT_TEMPLATE[: next(i for i, (k, _) in enumerate(EVENT_TEMPLATE) if k == "Event-Sequence") + 1]
+        values = {"Event-Name": "CUSTOM", "Event-Sequence": str(self._seq), "Event-Calling-File": "mod_avmd.c",
+                  "Event-Calling-Function": "avmd_fire_event", "Event-Date-Timestamp": str(int(time.time() * 1e6))}
+        own = {"Event-Subclass": subclass, "Unique-ID": self.uuid, "Call-command": "avmd"} | headers
+        pairs = self._fill(core, values) + [(k, encode_value(v)) for k, v in own.items()]
+        body = "".join(f"{k}: {v}\n" for k, v in pairs).encode("ascii") + b"\n"
+        return b"Content-Length: %d\nContent-Type: text/event-plain\n\n%s" % (len(body), body)
 
     def _app_record(self, arg: str):
         self.vars.update(record_ms="1000", record_seconds="1", record_samples="8000",

@@ -13,8 +13,17 @@ from esl.client import EslClient
 from esl.originator import FreeswitchOriginator
 from shopcall import dialler
 from shopcall.config import FreeswitchConfig
+from tests.esl_peer import VANILLA_MODULES, Caller, FsPeer
+from tests.scripted import PromptNames
 from tests.test_esl_protocol import replay_server
 from tests.test_outbound import WED_NOON, app, event, jobs  # noqa: F401 (fixture)
+
+
+class HashedTexts(PromptNames):
+    """Spoken text as the TTS cache names it: by hash, never by its words."""
+
+    async def say_text(self, text: str, lang: str) -> Path:
+        return Path(f"/tts/{lang}/{hashlib.sha1(text.encode()).hexdigest()}")
 
 
 async def test_a_freeswitch_campaign_is_originated_through_the_event_socket(app, conn):  # noqa: F811
@@ -56,13 +65,6 @@ async def test_the_robot_dialogue_runs_unchanged_over_the_event_socket(app, conn
     from esl.routes import esl_routes
     from esl.server import EslServer
     from shopcall.flows.outbound import outbound
-    from tests.esl_peer import Caller, FsPeer
-    from tests.scripted import PromptNames
-
-    class HashedTexts(PromptNames):  # spoken text as the TTS cache names it: by hash, never by its words
-        async def say_text(self, text: str, lang: str) -> Path:
-            return Path(f"/tts/{lang}/{hashlib.sha1(text.encode()).hexdigest()}")
-
     app = replace(app, prompts=HashedTexts())
     await conn.execute("UPDATE campaigns SET pbx = 'freeswitch'")
     await event(app.pool, type="order_created", phone="+79161234567", order_number="fs-1",
@@ -84,3 +86,90 @@ async def test_the_robot_dialogue_runs_unchanged_over_the_event_socket(app, conn
     assert "robot_disclosure" in played[0]
     row = await (await conn.execute("SELECT pbx, direction, uniqueid FROM calls")).fetchone()
     assert (row["pbx"], row["direction"], row["uniqueid"]) == ("freeswitch", "outbound", d.uniqueid)
+
+
+# -- AMD: a campaign's amd on FreeSWITCH, with mod_avmd where it is loaded ---------------------------------
+
+
+async def test_a_campaign_with_amd_asks_for_it_in_the_originate(app, conn):  # noqa: F811
+    await conn.execute("UPDATE campaigns SET pbx = 'freeswitch', amd = true")
+    await event(app.pool, type="order_created", phone="+79161234567", order_number="amd0", items=[{"name": "a"}])
+    server, replays = await replay_server("inbound_bgapi_and_failures")
+    client = EslClient("127.0.0.1", server.sockets[0].getsockname()[1], "ClueCon", command_timeout=2)
+    await client.start()
+    worker = dialler.Dialler(app.pool, app.config, {"freeswitch": FreeswitchOriginator(client, app.config)},
+                             clock=lambda: WED_NOON, worker="fs-test")
+    try:
+        [d] = await worker.round()
+        await worker.drain()
+    finally:
+        await client.close()
+        server.close()
+    [sent] = [m.decode() for m in replays[0].received if m.startswith(b"bgapi originate")]
+    assert f",shopcall_action_id={d.action_id},shopcall_amd=1}}" in sent
+
+
+async def robot_on_freeswitch(app, conn, caller: Caller, **peer) -> tuple[FsPeer, dialler.Dial]:  # noqa: F811
+    """An answered robot call of an AMD campaign reaching our outbound-socket server, as the originate
+    above sets it up (shopcall_amd=1 among the channel's variables)."""
+    from esl.routes import esl_routes
+    from esl.server import EslServer
+    from shopcall.flows.outbound import outbound
+
+    app = replace(app, prompts=HashedTexts())
+    await conn.execute("UPDATE campaigns SET pbx = 'freeswitch', amd = true")
+    await event(app.pool, type="order_created", phone="+79161234567", order_number="amd-1",
+                items=[{"name": "Футболка", "size": "M", "price": "990.00"}])
+    [d] = await dialler.claim(app.pool, app.config, now=WED_NOON, worker="fs")
+    server = EslServer(esl_routes(app, {"outbound": outbound}), port=0, command_timeout=3)
+    await server.start()
+    fs = FsPeer(server.port, caller, number="79161234567", destination="outbound", uuid=d.uniqueid,
+                variables={"shopcall_flow": "outbound", "shopcall_arg_attempt": str(d.attempt_id),
+                           "shopcall_amd": "1"}, **peer)
+    try:
+        await asyncio.wait_for(fs.run(), 15)
+        await asyncio.wait_for(asyncio.gather(*server.active), 5)
+    finally:
+        await server.stop()
+    return fs, d
+
+
+async def outcome(conn, d: dialler.Dial) -> tuple[str, str, str | None]:
+    att = await (await conn.execute("SELECT outcome FROM dial_attempts WHERE id = %s", (d.attempt_id,))).fetchone()
+    job = await (await conn.execute("SELECT status, reason FROM dial_jobs WHERE id = %s", (d.job_id,))).fetchone()
+    return att["outcome"], job["status"], job["reason"]
+
+
+WITH_AVMD = VANILLA_MODULES | {"mod_avmd"}
+
+
+async def test_a_voicemail_beep_heard_by_mod_avmd_is_a_machine_as_with_amd_on_asterisk(app, conn):  # noqa: F811
+    peer, d = await robot_on_freeswitch(app, conn, Caller(machine=True), modules=WITH_AVMD)
+    assert await outcome(conn, d) == ("machine", "pending", "retry_after_machine")
+    apps = [a for a, _ in peer.apps]
+    assert apps == ["avmd_start", "wait_for_silence", "avmd_stop"]  # then our hangup: nothing was said to it
+    assert ("wait_for_silence", "200 40 5 8000") in peer.apps  # freeswitch.amd_seconds
+    assert peer.subscribed == ["CUSTOM", "avmd::beep"] and peer.hangup_cause == "NORMAL_CLEARING"
+
+
+async def test_a_person_hears_the_robot_once_avmd_has_stopped(app, conn):  # noqa: F811
+    peer, d = await robot_on_freeswitch(app, conn, Caller(keys=["1"]), modules=WITH_AVMD)
+    assert await outcome(conn, d) == ("answered", "done", None)
+    apps = [a for a, _ in peer.apps]
+    assert apps[:3] == ["avmd_start", "wait_for_silence", "avmd_stop"] and "playback" in apps
+    assert "robot_disclosure" in next(arg for a, arg in peer.apps if a in ("playback", "play_and_get_digits"))
+
+
+async def test_without_mod_avmd_the_call_goes_on_without_amd_and_says_so_once(app, conn, caplog):  # noqa: F811
+    peer, d = await robot_on_freeswitch(app, conn, Caller(keys=["1"]))  # a vanilla FreeSWITCH
+    assert await outcome(conn, d) == ("answered", "done", None)
+    # avmd_start would have made FreeSWITCH hang the call up (Invalid Application): never sent
+    assert not {"avmd_start", "wait_for_silence"} & {a for a, _ in peer.apps}
+    assert "api module_exists mod_avmd" in peer.commands
+    warned = [r.getMessage() for r in caplog.records if "mod_avmd" in r.getMessage()]
+    assert len(warned) == 1 and "AMD is unavailable on FreeSWITCH" in warned[0]
+
+
+async def test_a_callee_gone_during_amd_is_a_hangup(app, conn):  # noqa: F811
+    peer, d = await robot_on_freeswitch(app, conn, Caller(hang_up_on="wait_for_silence"), modules=WITH_AVMD)
+    assert await outcome(conn, d) == ("hangup", "pending", "retry_after_hangup")
