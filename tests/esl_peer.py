@@ -19,10 +19,12 @@ import asyncio
 import json
 import time
 import uuid as uuidlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from esl.protocol import Parser, encode_value, parse_headers
+from esl.server import EslServer, Handler
 
 DATA = Path(__file__).resolve().parent / "data" / "esl"
 CLUECON = b"Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n"
@@ -469,6 +471,21 @@ class FsPeer:
         else:
             await self._write(*out, self.notice("linger"))
 
+
+
+async def call_once(routes: Mapping[str, Handler], caller: Caller | None = None, *, command_timeout: float = 3.0,
+                    timeout: float = 15.0, **peer) -> FsPeer:
+    """One call from the peer (`peer` are FsPeer's keywords) to our outbound-socket server serving
+    `routes`, started for it and stopped after the session has ended on both sides."""
+    server = EslServer(routes, port=0, command_timeout=command_timeout)
+    await server.start()
+    fs = FsPeer(server.port, caller, **peer)
+    try:
+        await asyncio.wait_for(fs.run(), timeout)
+        await asyncio.wait_for(asyncio.gather(*server.active), 5)
+    finally:
+        await server.stop()
+    return fs
 
 
 # -- replaying a captured transcript byte for byte -------------------------------------------------------

@@ -4,7 +4,6 @@ ones: the first originate answered, the next failed with NORMAL_CLEARING)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +12,7 @@ from esl.client import EslClient
 from esl.originator import FreeswitchOriginator
 from shopcall import dialler
 from shopcall.config import FreeswitchConfig
-from tests.esl_peer import VANILLA_MODULES, Caller, FsPeer
+from tests.esl_peer import VANILLA_MODULES, Caller, FsPeer, call_once
 from tests.scripted import PromptNames
 from tests.test_esl_protocol import replay_server
 from tests.test_outbound import WED_NOON, app, event, jobs  # noqa: F401 (fixture)
@@ -63,22 +62,15 @@ async def test_the_robot_dialogue_runs_unchanged_over_the_event_socket(app, conn
     attempt in shopcall_arg_attempt and our origination_uuid as its Unique-ID (the replayed peer of
     tests/esl_peer.py plays FreeSWITCH); the customer confirms the order with 1."""
     from esl.routes import esl_routes
-    from esl.server import EslServer
     from shopcall.flows.outbound import outbound
     app = replace(app, prompts=HashedTexts())
     await conn.execute("UPDATE campaigns SET pbx = 'freeswitch'")
     await event(app.pool, type="order_created", phone="+79161234567", order_number="fs-1",
                 items=[{"name": "Футболка", "size": "M", "price": "990.00"}])
     [d] = await dialler.claim(app.pool, app.config, now=WED_NOON, worker="fs")
-    server = EslServer(esl_routes(app, {"outbound": outbound}), port=0, command_timeout=3)
-    await server.start()
-    peer = FsPeer(server.port, Caller(keys=["1"]), number="79161234567", destination="outbound", uuid=d.uniqueid,
-                  variables={"shopcall_flow": "outbound", "shopcall_arg_attempt": str(d.attempt_id)})
-    try:
-        await asyncio.wait_for(peer.run(), 15)
-        await asyncio.wait_for(asyncio.gather(*server.active), 5)
-    finally:
-        await server.stop()
+    peer = await call_once(esl_routes(app, {"outbound": outbound}), Caller(keys=["1"]), number="79161234567",
+                           destination="outbound", uuid=d.uniqueid,
+                           variables={"shopcall_flow": "outbound", "shopcall_arg_attempt": str(d.attempt_id)})
     job = await (await conn.execute("SELECT * FROM dial_jobs WHERE id = %s", (d.job_id,))).fetchone()
     order = await (await conn.execute("SELECT status FROM orders WHERE number = 'fs-1'")).fetchone()
     assert (job["status"], job["result"], order["status"]) == ("done", "confirmed", "awaiting_delivery")
@@ -113,7 +105,6 @@ async def robot_on_freeswitch(app, conn, caller: Caller, **peer) -> tuple[FsPeer
     """An answered robot call of an AMD campaign reaching our outbound-socket server, as the originate
     above sets it up (shopcall_amd=1 among the channel's variables)."""
     from esl.routes import esl_routes
-    from esl.server import EslServer
     from shopcall.flows.outbound import outbound
 
     app = replace(app, prompts=HashedTexts())
@@ -121,16 +112,9 @@ async def robot_on_freeswitch(app, conn, caller: Caller, **peer) -> tuple[FsPeer
     await event(app.pool, type="order_created", phone="+79161234567", order_number="amd-1",
                 items=[{"name": "Футболка", "size": "M", "price": "990.00"}])
     [d] = await dialler.claim(app.pool, app.config, now=WED_NOON, worker="fs")
-    server = EslServer(esl_routes(app, {"outbound": outbound}), port=0, command_timeout=3)
-    await server.start()
-    fs = FsPeer(server.port, caller, number="79161234567", destination="outbound", uuid=d.uniqueid,
-                variables={"shopcall_flow": "outbound", "shopcall_arg_attempt": str(d.attempt_id),
-                           "shopcall_amd": "1"}, **peer)
-    try:
-        await asyncio.wait_for(fs.run(), 15)
-        await asyncio.wait_for(asyncio.gather(*server.active), 5)
-    finally:
-        await server.stop()
+    variables = {"shopcall_flow": "outbound", "shopcall_arg_attempt": str(d.attempt_id), "shopcall_amd": "1"}
+    fs = await call_once(esl_routes(app, {"outbound": outbound}), caller, number="79161234567",
+                         destination="outbound", uuid=d.uniqueid, variables=variables, **peer)
     return fs, d
 
 

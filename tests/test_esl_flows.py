@@ -26,7 +26,7 @@ from shopcall.app import App
 from shopcall.call import Call, CallEnded, CallInfo, DialResult, DialStatus
 from shopcall.flows.inbound import inbound
 from tests import test_inbound_flow
-from tests.esl_peer import Caller, FsPeer
+from tests.esl_peer import Caller, FsPeer, call_once
 from tests.scripted import PromptNames, ScriptedCall
 from tests.test_inbound_flow import call_row, callbacks
 
@@ -82,17 +82,11 @@ PEER_APPS = {"collect": "play_and_get_digits", "stream": "playback", "dial": "br
 
 
 async def run_freeswitch(app: App, s: Scenario) -> Outcome:
-    server = EslServer(esl_routes(app, {"inbound": inbound}), port=0, command_timeout=3)
-    await server.start()
     caller = Caller(keys=list(s.keys), greeting_key=s.greeting_key, answers=[who for who, _ in s.answers],
                     talk_seconds=s.answers[0][1] if s.answers else 0.0,
                     hang_up_on=PEER_APPS.get(s.hang_up_on or ""))
-    peer = FsPeer(server.port, caller, number=s.caller, name=s.name, destination=s.number)
-    try:
-        await asyncio.wait_for(peer.run(), 15)
-        await asyncio.wait_for(asyncio.gather(*server.active), 5)
-    finally:
-        await server.stop()
+    peer = await call_once(esl_routes(app, {"inbound": inbound}), caller, number=s.caller, name=s.name,
+                           destination=s.number)
     prompts = [arg if app_ == "playback" else arg.split(" ")[5] for app_, arg in peer.apps
                if app_ in ("playback", "play_and_get_digits")]
     prompts = [p for p in prompts if p.endswith(".wav")]
@@ -396,13 +390,8 @@ async def test_freeswitch_dial_sets_the_timeout_on_the_channel_and_keeps_the_cal
 
 
 async def test_freeswitch_cyrillic_caller_name_and_split_reads(app, conn):
-    server = EslServer(esl_routes(app, {"inbound": inbound}), port=0)
-    await server.start()
-    peer = FsPeer(server.port, Caller(keys=["1"], answers=["agent1"]), name="Мария \"Маша\" Иванова",
-                  split=True)
-    await asyncio.wait_for(peer.run(), 10)
-    await asyncio.wait_for(asyncio.gather(*server.active), 5)
-    await server.stop()
+    peer = await call_once(esl_routes(app, {"inbound": inbound}), Caller(keys=["1"], answers=["agent1"]),
+                           name="Мария \"Маша\" Иванова", split=True, command_timeout=10, timeout=10)
     row = await call_row(conn, peer.uuid)
     assert row["caller_name"] == 'Мария "Маша" Иванова' and row["agent"] == "agent1"
 
@@ -470,14 +459,7 @@ async def on_freeswitch(flow, caller: Caller | None = None) -> tuple[FsPeer, obj
     async def route(session, channel):
         out["value"] = await flow(EslCall(session, call_info(channel, "t"), PromptNames()))
 
-    server = EslServer({"t": route}, port=0, command_timeout=2)
-    await server.start()
-    peer = FsPeer(server.port, caller, variables={"shopcall_flow": "t"})
-    try:
-        await asyncio.wait_for(peer.run(), 10)
-        await asyncio.wait_for(asyncio.gather(*server.active), 5)
-    finally:
-        await server.stop()
+    peer = await call_once({"t": route}, caller, variables={"shopcall_flow": "t"}, command_timeout=2, timeout=10)
     return peer, out.get("value")
 
 

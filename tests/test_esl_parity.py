@@ -4,7 +4,6 @@ flow through `esl_routes` (the config decides) against the scripted FreeSWITCH o
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from dataclasses import replace
 from datetime import date, datetime
@@ -15,9 +14,8 @@ from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 from esl.routes import esl_routes
-from esl.server import EslServer
 from shopcall.config import Config, FreeswitchConfig, PathsConfig
-from tests.esl_peer import VANILLA_MODULES, Caller, FsPeer
+from tests.esl_peer import VANILLA_MODULES, Caller, FsPeer, call_once
 from tests.scripted import PromptNames
 
 
@@ -36,15 +34,8 @@ async def on_route(config: Config, flow, caller: Caller | None = None, *, prompt
         out["value"] = await flow(call, app)
 
     app = SimpleNamespace(config=config, prompts=prompts or PromptNames())
-    server = EslServer(esl_routes(app, {"t": named}), port=0, command_timeout=2)
-    await server.start()
     variables = {"shopcall_flow": "t"} | peer.pop("variables", {})
-    fs = FsPeer(server.port, caller, variables=variables, **peer)
-    try:
-        await asyncio.wait_for(fs.run(), 15)
-        await asyncio.wait_for(asyncio.gather(*server.active), 5)
-    finally:
-        await server.stop()
+    fs = await call_once(esl_routes(app, {"t": named}), caller, variables=variables, command_timeout=2, **peer)
     return fs, out.get("value")
 
 
