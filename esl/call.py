@@ -14,6 +14,10 @@ Facts from the captured transcripts that shape this file:
 - `say` (mod_dptools) takes `<lang> <type> <method> <text>`; mod_say_ru/en read at most nine digits, no
   sign for a count, money as `12.50` (roubles or dollars in Russian, dollars only in English), a date as
   an epoch in the channel's `timezone`; keys end it as they end a playback (playback_terminators).
+- mod_avmd (source, not captured): `avmd_start` reads the customer's side of our outbound channel, sets
+  `avmd_detect=TRUE` and fires CUSTOM `avmd::beep` (outside myevents: subscribed with `event plain`). An
+  application whose module is not loaded hangs the channel up (DESTINATION_OUT_OF_ORDER), so
+  `module_exists` is asked first (esl/modules.py).
 - Prompt files: mod_sndfile opens raw .ulaw/.alaw/.gsm by their extension (its source lists them beside
   the libsndfile formats), so a recording stored only in Asterisk's formats plays without conversion.
 """
@@ -86,6 +90,8 @@ _unplayable: set[Path] = set()  # prompts already warned about
 SAY_MAX = 999_999_999  # mod_say_ru/en read at most nine digits of a number (and of roubles, dollars)
 SAY_SECONDS = 20.0  # a say plays a handful of short files; a date, the longest, takes ~5 s
 _DIGITS = re.compile(r"[0-9]{1,64}")
+# the languages we speak through mod_say, and the currencies each one names (its `currency` variable)
+_SAY_CURRENCY = {"ru": {"RUB": "ruble", "USD": "dollar"}, "en": {"USD": ""}}
 AMD_VARIABLE = "shopcall_amd"  # "1": the dialler's originate asks for AMD (the campaign's amd)
 AVMD_BEEP = "avmd::beep"  # mod_avmd's CUSTOM event (Beep-Status: DETECTED); it also sets avmd_detect=TRUE
 AMD_SILENCE_FRAMES = 40  # 20 ms frames: 0.8 s of silence after speech ends the wait (AMD's afterGreetingSilence)
@@ -187,7 +193,7 @@ class EslCall(Call):
 
     async def say_money(self, amount: Decimal | int, currency: str = "RUB", **kw: bool) -> str | None:
         # mod_say_ru knows roubles and dollars (channel variable `currency`), mod_say_en dollars only
-        unit = {"ru": {"RUB": "ruble", "USD": "dollar"}, "en": {"USD": ""}}[self.language].get(currency)
+        unit = _SAY_CURRENCY.get(self.language, {}).get(currency)
         value = _money(amount) if unit is not None else None
         if value and await self._mod_say():
             if unit:
@@ -204,7 +210,8 @@ class EslCall(Call):
         return await super().say_date(d, **kw)
 
     async def _mod_say(self) -> bool:
-        if self.say_engine != "mod_say" or self.session.hung_up or self.session.conn.closed:
+        if self.say_engine != "mod_say" or self.language not in _SAY_CURRENCY or self.session.hung_up \
+                or self.session.conn.closed:
             return False
         return await self.modules.loaded(self.session.api, f"mod_say_{self.language}",
                                          without=f"freeswitch.say = mod_say speaks {self.language} with our TTS")
