@@ -141,7 +141,7 @@ class AgiPeer:
             writer.close()
 
     def reply(self, line: str) -> str:
-        if self.dead and not line.startswith("GET VARIABLE"):
+        if self.dead and not line.startswith(("GET VARIABLE", "GET FULL VARIABLE")):  # both work dead
             return "511 result=-1 Command Not Permitted on a dead channel\n"
         verb, args = line.split(" ", 2)[:2], _agi_args(line)
         hang_up = self.s.hang_up_on
@@ -168,6 +168,9 @@ class AgiPeer:
         if line.startswith("GET VARIABLE"):
             value = self.vars.get(args[2])
             return f"200 result=1 ({value})\n" if value is not None else "200 result=0\n"
+        if line.startswith("GET FULL VARIABLE"):  # an expression: ${NAME}s substituted, unset ones empty
+            value = re.sub(r"\$\{(\w+)\}", lambda m: self.vars.get(m[1], ""), args[3])
+            return f"200 result=1 ({value})\n"
         if verb == ["EXEC", "Dial"]:
             self.dials.append(args[2])
             who, talk = self.answers.pop(0) if self.answers else (None, 0.0)
