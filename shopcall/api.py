@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -138,6 +139,30 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
+# PostgreSQL text and jsonb hold neither NUL nor a lone UTF-16 surrogate (which UTF-8 cannot even encode);
+# refused where they come in, with the parameter or field named, not as the driver's error and a 500
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def _unstorable(text: str) -> str | None:
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    return "NUL characters are" if found[0] == "\x00" else "unpaired surrogates (\\ud800-\\udfff) are"
+
+
+@web.middleware
+async def _storable_params(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A path or query value with a NUL in it is a 400 naming it (a body's strings are read_json's)."""
+    if request.path not in PUBLIC:
+        for name, value in (*request.match_info.items(), *request.query.items()):
+            what = _unstorable(name) or _unstorable(value)
+            if what:
+                label = _UNSTORABLE.sub("?", name)
+                raise ApiError(400, f"{label}: {what} not allowed", {"parameter": label})
+    return await handler(request)
+
+
 # --------------------------------------------------------------------------- parameters
 
 
@@ -178,9 +203,33 @@ def _int_param(query: Mapping[str, str], name: str, default: int, lo: int, hi: i
 
 async def read_json(request: web.Request) -> Any:
     try:
-        return await request.json(loads=json.loads)
+        body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the body is not valid JSON") from None
+    except RecursionError:  # "[[[[…" of 64 KB: the decoder gives up past about 1000 levels
+        raise ApiError(400, "the body is nested too deeply") from None
+    found = _unstorable_at(body)
+    if found is not None:  # "\u0000" and "\ud800" are valid JSON, but no column can store them
+        where, what = found
+        raise ApiError(422, f"{where or 'the body'}: {what} not allowed", {"field": where or None})
+    return body
+
+
+def _unstorable_at(body: Any) -> tuple[str, str] | None:
+    """(path such as "items[0].name", what) of a string in a parsed JSON value that the database cannot store."""
+    todo: list[tuple[str, Any]] = [("", body)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str) and (what := _unstorable(value)):
+            return path, what
+        if isinstance(value, dict):
+            for key in value:
+                if what := _unstorable(key):
+                    return path, what
+            todo.extend((f"{path}.{k}" if path else k, v) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return None
 
 
 # --------------------------------------------------------------------------- handlers
@@ -336,26 +385,28 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/agents": {"get": {
             "summary": "Agents and their availability",
             "responses": {"200": _ok("the agents", {"type": "object", "properties": {
-                "agents": {"type": "array", "items": {"$ref": "#/components/schemas/Agent"}}}}), **_AUTH_ERRORS},
+                "agents": {"type": "array", "items": {"$ref": "#/components/schemas/Agent"}}}}),
+                "400": _err("a query parameter (this operation takes none)"), **_AUTH_ERRORS},
         }},
         "/api/v1/agents/{endpoint}": {"post": {
             "summary": "Log an agent in or out, pause or unpause them",
             "parameters": [{"name": "endpoint", "in": "path", "required": True,
-                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.+-]+$"}}],
+                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$"}}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "additionalProperties": False, "minProperties": 1,
                 "properties": {"logged_in": {"type": "boolean"}, "paused": {"type": "boolean"}}}}}},
             "responses": {"200": _ok("the new state", {"type": "object", "properties": {
                 "endpoint": {"type": "string"}, "logged_in": {"type": "boolean"}, "paused": {"type": "boolean"}}}),
-                "400": _err("invalid endpoint name or body not JSON"),
+                "400": _err("invalid endpoint name, body not JSON, or a query parameter"),
                 "404": _err("no employee has this endpoint"),
                 "413": _err("body too large"),
-                "422": _err("body not an object, unknown field, or a value not a boolean"), **_AUTH_ERRORS},
+                "422": _err("body not an object, unknown field, a value not a boolean, or a NUL character"),
+                **_AUTH_ERRORS},
         }},
         "/api/v1/calls": {"get": {
             "summary": "A contact's call history, newest first",
             "parameters": [
-                {"name": "phone", "in": "query", "required": True, "schema": {"type": "string"},
+                {"name": "phone", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1},
                  "description": "E.164 or a number as dialled in the shop's country (shop.country)"},
                 {"name": "limit", "in": "query",
                  "schema": {"type": "integer", "minimum": 1, "maximum": CALLS_LIMIT_MAX, "default": 50}},
@@ -389,7 +440,7 @@ OPENAPI["info"]["description"] = ("A shop's call centre on its own PBX: statisti
 
 
 def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
-    app = web.Application(middlewares=[_errors, _allow, _auth], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[_errors, _allow, _auth, _storable_params], client_max_size=MAX_BODY)
     app[CONFIG] = config
     app[POOL] = pool
     app[ALLOW] = parse_allow(config.api.allow)

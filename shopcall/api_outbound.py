@@ -10,13 +10,14 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from aiohttp import web
 from psycopg.types.json import Jsonb
 
 # shopcall.api imports this module while it loads; only its names at call time are used here
 from shopcall import api, events, scripts
 from shopcall.call import check_number
-from shopcall.hours import parse_weekly
+from shopcall.hours import DAY_NAMES, parse_weekly
 from shopcall.phone import to_e164
 
 log = logging.getLogger("shopcall.api")
@@ -32,6 +33,9 @@ async def post_event(request: web.Request) -> web.StreamResponse:
                                       now=datetime.now(UTC))
     except events.EventError as exc:
         raise api.ApiError(exc.status, str(exc), {"field": exc.field}) from None
+    except psycopg.errors.NumericValueOutOfRange:
+        # orders.total is numeric(12, 2): a total, or prices times quantities, of 10^10 or more does not fit
+        raise api.ApiError(422, "total: the order's amount must be below 10000000000", {"field": "total"}) from None
     return api._json({"event_id": outcome.event_id, "duplicate": outcome.duplicate, "result": outcome.result},
                      200 if outcome.duplicate else 201)
 
@@ -182,6 +186,9 @@ async def put_script(request: web.Request) -> web.StreamResponse:
         sample = scripts.validate(scenario, part, language, body["template"])
     except scripts.ScriptError as exc:
         raise api.ApiError(422, f"template: {exc}", {"field": "template"}) from None
+    except Exception as exc:  # the sandbox's own failures, e.g. NameError for 1e308*10 that Jinja folds to "inf"
+        log.info("API: script %s/%s refused: %s: %s", scenario, part, type(exc).__name__, exc)
+        raise api.ApiError(422, f"template: {type(exc).__name__}: {exc}", {"field": "template"}) from None
     async with request.app[api.POOL].connection() as conn:
         await conn.execute(
             """INSERT INTO scripts (scenario, segment, language, part, template) VALUES (%s, %s, %s, %s, %s)
@@ -214,14 +221,67 @@ def register(app: web.Application) -> None:
     app.router.add_delete("/api/v1/scripts/{scenario}/{part}", delete_script)
 
 
+_JSON_TYPES = {bool: "boolean", str: "string", type(None): "null", dict: "object", int: "integer", float: "number"}
+
+
+def _campaign_field_schema(key: str) -> dict:
+    """What _check_campaign_field accepts, as far as JSON Schema can say it."""
+    kind, bounds = _EDITABLE[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    types = sorted({_JSON_TYPES[k] for k in kinds} - ({"integer"} if float in kinds else set()))
+    schema: dict[str, Any] = {"type": types[0] if len(types) == 1 else types}
+    if bounds:
+        schema |= {"minimum": bounds[0], "maximum": bounds[1]}
+    if key == "caller_id":
+        schema["pattern"] = r"^\+?[0-9]{3,20}$"
+    elif key == "pbx":
+        schema["enum"] = ["asterisk", "freeswitch"]
+    elif key == "calling_window":  # checked whole by hours.parse_weekly: each end after its start
+        hhmm = {"type": "string", "pattern": "^[0-9]{1,2}:[0-9]{2}$"}
+        schema |= {"propertyNames": {"enum": list(DAY_NAMES)}, "additionalProperties": {
+            "type": "array", "items": {"type": "array", "prefixItems": [hhmm, hhmm], "minItems": 2, "maxItems": 2}}}
+    elif key == "retry_minutes":
+        schema["additionalProperties"] = {"type": "number", "exclusiveMinimum": 0, "maximum": 100000}
+    return schema
+
+
+def _event_schemas() -> list[dict]:
+    """One object schema per event type, from events.SPECS (a null optional field counts as absent)."""
+    text = {"type": "string", "minLength": 1, "maxLength": events.MAX_TEXT}
+    fields: dict[Any, dict] = {
+        events._text: text, events._key: {"type": "string", "minLength": 1, "maxLength": 200},
+        events._phone: {"type": "string", "minLength": 1, "description": "E.164 or as dialled in the shop's country"},
+        events._bool: {"type": "boolean"}, events._date: {"type": "string", "format": "date"},
+        events._money: {"type": ["number", "string"], "minimum": 0, "maximum": 1e10},
+        events._language: {"type": "string", "enum": ["ru", "en"]}, events._timezone: text,
+    }
+    item = {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+        **{k: fields.get(check, {}) for k, (check, _) in events._ITEM_FIELDS.items()},
+        "qty": {"type": "integer", "minimum": 1, "maximum": 10000}}}
+    fields[events._items] = {"type": "array", "minItems": 1, "maxItems": events.MAX_ITEMS, "items": item}
+
+    def field(check: Any, required: bool) -> dict:
+        schema = fields.get(check, {})  # {}: any value, checked by the server (one of a few words)
+        return schema if required or not schema else {"anyOf": [schema, {"type": "null"}]}
+
+    return [{"type": "object", "title": kind, "additionalProperties": False,
+             "required": [k for k, (_, required) in spec.items() if required],
+             "properties": {k: {"const": kind} if k == "type" else field(check, required)
+                            for k, (check, required) in spec.items()}}
+            for kind, spec in sorted(events.SPECS.items())]
+
+
 def openapi_paths(err, ok, auth_errors: dict) -> dict:
     """The OpenAPI description of the routes above (shopcall.api.OPENAPI merges it)."""
     obj = {"type": "object"}
-    seg_lang = [{"name": "segment", "in": "query", "schema": {"type": "string", "default": "default"}},
+    seg_lang = [{"name": "segment", "in": "query",
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 64, "default": "default"}},
                 {"name": "language", "in": "query", "schema": {"type": "string", "enum": ["ru", "en"]}}]
     scenario = {"name": "scenario", "in": "path", "required": True, "schema": {"type": "string",
                                                                               "enum": list(scripts.DEFAULTS)}}
-    part = {"name": "part", "in": "path", "required": True, "schema": {"type": "string"}}
+    parts = sorted({p for by_part in scripts.DEFAULTS.values() for p in by_part})
+    part = {"name": "part", "in": "path", "required": True, "schema": {"type": "string", "enum": parts},
+            "description": "a part of the scenario's script"}
     event_types = sorted(events.SPECS)
     return {
         "/api/v1/events": {"post": {
@@ -230,31 +290,35 @@ def openapi_paths(err, ok, auth_errors: dict) -> dict:
                 f"{t}: {', '.join(k for k in events.SPECS[t] if k not in ('type', 'idempotency_key'))}"
                 for t in event_types),
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "required": ["type", "idempotency_key"], "properties": {
-                    "type": {"type": "string", "enum": event_types},
-                    "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200}}}}}},
+                "oneOf": _event_schemas()}}}},
             "responses": {"201": ok("applied", obj), "200": ok("a repeat: the first result", obj),
-                          "400": err("body not JSON"), "409": err("idempotency key used by another type"),
-                          "413": err("body too large"), "422": err("a field is missing or wrong"), **auth_errors},
+                          "400": err("body not JSON, or a query parameter"),
+                          "409": err("idempotency key used by another type"), "413": err("body too large"),
+                          "422": err("a field is missing or wrong, or holds a NUL character"), **auth_errors},
         }},
         "/api/v1/history": {"get": {
             "summary": "Robot calls about a contact or an order, with their attempts",
             "parameters": [{"name": "phone", "in": "query", "schema": {"type": "string"}},
-                           {"name": "order", "in": "query", "schema": {"type": "string"}},
+                           {"name": "order", "in": "query", "schema": {"type": "string", "minLength": 1,
+                                                                        "maxLength": 100}},
                            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                                         "maximum": HISTORY_LIMIT_MAX}}],
             "responses": {"200": ok("the jobs", obj), "400": err("no phone or order, or a bad one"), **auth_errors},
         }},
         "/api/v1/campaigns": {"get": {"summary": "Campaigns and their settings",
-                                      "responses": {"200": ok("the campaigns", obj), **auth_errors}}},
+                                      "responses": {"200": ok("the campaigns", obj),
+                                                    "400": err("a query parameter (this operation takes none)"),
+                                                    **auth_errors}}},
         "/api/v1/campaigns/{name}": {"patch": {
             "summary": "Change a campaign: caps, retries, window, caller ID, group, settings",
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "additionalProperties": False, "minProperties": 1,
-                "properties": {k: {} for k in _EDITABLE}}}}},
-            "responses": {"200": ok("the campaign", obj), "400": err("body not JSON"), "404": err("no such campaign"),
-                          "413": err("body too large"), "422": err("unknown field or bad value"), **auth_errors},
+                "properties": {k: _campaign_field_schema(k) for k in _EDITABLE}}}}},
+            "responses": {"200": ok("the campaign", obj),
+                          "400": err("body not JSON, a query parameter, or a NUL character in the name"),
+                          "404": err("no such campaign"), "413": err("body too large"),
+                          "422": err("unknown field, a bad value, or a NUL character"), **auth_errors},
         }},
         "/api/v1/scripts/{scenario}": {"get": {
             "summary": "The words of a scenario for a segment and language (the shop's or the default)",
@@ -269,9 +333,11 @@ def openapi_paths(err, ok, auth_errors: dict) -> dict:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["template"], "additionalProperties": False,
                     "properties": {"template": {"type": "string", "maxLength": scripts.MAX_TEMPLATE}}}}}},
-                "responses": {"200": ok("saved, with the sample rendering", obj), "400": err("bad parameter"),
+                "responses": {"200": ok("saved, with the sample rendering", obj),
+                              "400": err("bad parameter, or body not JSON"),
                               "404": err("no such scenario"), "413": err("body too large"),
-                              "422": err("the template does not compile or render"), **auth_errors},
+                              "422": err("the template does not compile or render, or holds a NUL character"),
+                              **auth_errors},
             },
             "delete": {
                 "summary": "Go back to the default words for this part",
