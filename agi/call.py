@@ -30,6 +30,7 @@ _DIALSTATUS = {
     "BUSY": DialStatus.BUSY,
     "CANCEL": DialStatus.CALLER_GONE,
 }
+_DIAL_OUTCOME = quote("${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}")
 # Q.850 causes for the few ways a flow ends a call
 _CAUSES = {"normal": 16, "busy": 17, "noanswer": 19, "rejected": 21, "congestion": 34}
 
@@ -124,9 +125,7 @@ class AgiCall(Call):
             "EXEC", "Dial", quote(f"{target},{int(timeout)},{self.dial_options}"),
             timeout=timeout + self.max_call_seconds + self.session.command_timeout,
         )
-        status = (await self.get_var("DIALSTATUS")) or ""
-        peer = (await self.get_var("DIALEDPEERNAME")) or ""
-        answered_time = await self.get_var("ANSWEREDTIME")
+        status, peer, answered_time = await self._dial_outcome()
         answered = None
         for n in names:
             if peer.startswith(self.endpoint_template.format(endpoint=n) + "-"):
@@ -136,6 +135,15 @@ class AgiCall(Call):
             "%s: Dial %s -> %s %s (%.1f s)", self.info.uniqueid, target, status, peer, time.monotonic() - started
         )
         return DialResult(_DIALSTATUS.get(status, DialStatus.FAILED), answered, talk, status)
+
+    async def _dial_outcome(self) -> tuple[str, str, str]:
+        """DIALSTATUS, DIALEDPEERNAME and ANSWEREDTIME in one round trip instead of three. Neither the status
+        nor the time can hold a "|", so the peer's channel name is whatever lies between the first and last."""
+        reply = await self.session.send(command("GET FULL VARIABLE", _DIAL_OUTCOME))
+        text = (reply.data or "") if reply.result == "1" else ""
+        status, _, rest = text.partition("|")
+        peer, _, answered_time = rest.rpartition("|")
+        return status, peer, answered_time
 
     async def record(
         self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5, beep: bool = True

@@ -228,25 +228,28 @@ class Directory:
         return (row["logged_in"], row["paused"]) if row else None
 
     async def group(self, name: str) -> Group | None:
+        """The group and its members who can take a call now, in ringing order, in one query."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT * FROM groups WHERE name = %s", (name,))
-            g = await cur.fetchone()
-            if g is None:
-                return None
-            order = {
-                "leastrecent": "e.last_call_at NULLS FIRST, gm.position, e.id",
-            }.get(g["strategy"], "gm.position, e.id")
             cur = await conn.execute(
-                f"""
-                SELECT e.id, e.name, e.endpoint, e.recording_policy FROM group_members gm
-                  JOIN employees e ON e.id = gm.employee_id
-                 WHERE gm.group_id = %s AND e.logged_in AND NOT e.paused
-                 ORDER BY {order}
+                """
+                SELECT g.*, e.id AS emp_id, e.name AS emp_name, e.endpoint AS emp_endpoint,
+                       e.recording_policy AS emp_recording_policy
+                  FROM groups g
+                  LEFT JOIN (group_members gm JOIN employees e
+                             ON e.id = gm.employee_id AND e.logged_in AND NOT e.paused)
+                    ON gm.group_id = g.id
+                 WHERE g.name = %s
+                 ORDER BY (CASE WHEN g.strategy = 'leastrecent' THEN e.last_call_at END) NULLS FIRST,
+                          gm.position, e.id
                 """,
-                (g["id"],),
+                (name,),
             )
-            members = [Member(r["id"], r["name"], r["endpoint"], r["recording_policy"])
-                       for r in await cur.fetchall()]
+            rows = await cur.fetchall()
+            if not rows:
+                return None
+            g = rows[0]
+            members = [Member(r["emp_id"], r["emp_name"], r["emp_endpoint"], r["emp_recording_policy"])
+                       for r in rows if r["emp_id"] is not None]
             if g["strategy"] == "roundrobin" and members:
                 # start after the member who was offered the last call, and remember who starts next time
                 start = g["rr_position"] % len(members)

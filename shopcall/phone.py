@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import phonenumbers
 
 
@@ -9,6 +11,7 @@ class InvalidPhone(ValueError):
     pass
 
 
+@lru_cache(maxsize=4096)  # parsing is ~0.5 ms, a tenth of a call's CPU; callers and campaigns repeat numbers
 def to_e164(raw: str, region: str = "RU") -> str | None:
     """E.164 for a number as a PBX or a shop gives it ("8 916 …", "7916…", "+44…"); None if it is not one
     (an internal extension, "anonymous", garbage)."""
