@@ -37,6 +37,7 @@ import psycopg  # noqa: E402
 from psycopg.rows import dict_row  # noqa: E402
 
 from agi.server import FastAgiServer  # noqa: E402
+from bench.procstat import cpu_seconds  # noqa: E402
 from shopcall import db  # noqa: E402
 from shopcall.cli import run_loop  # noqa: E402
 from shopcall.directory import Directory, Menu  # noqa: E402
@@ -125,11 +126,6 @@ def baseline_server(url: str, ready: multiprocessing.Event, port_out: multiproce
         port_out.value = srv.server_address[1]
         ready.set()
         srv.serve_forever()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def bench(name: str, target, url: str, requests: int, concurrency: int) -> tuple[float, float]:

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import psycopg  # noqa: E402
 
+from bench import procstat  # noqa: E402
 from shopcall import db  # noqa: E402
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, root_is_ready  # noqa: E402
 from tests.pbx.service import DIRECTORY, Shopcall, free_tcp_port  # noqa: E402
@@ -47,6 +48,11 @@ class Run:
     ok: int
     failed: int
     wall: float
+    cpu: dict[str, float]  # CPU seconds by process kind (asterisk, shopcall, postgres, sipp) during the run
+
+    def cpu_per_call(self) -> str:
+        n = max(self.ok, 1)
+        return " ".join(f"{k} {1000 * v / n:.1f}" for k, v in self.cpu.items() if v > 0.005) + " ms/call"
 
     @property
     def cps(self) -> float:
@@ -82,14 +88,16 @@ async def run_calls(sip: str, context_exten: str, work: Path, n: int, rate: int,
         "-trace_err", "-error_file", str(work / f"caller-{tag}_errors.log"),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     t0 = time.perf_counter()
+    cpu0 = procstat.snapshot()
     try:
         await asyncio.wait_for(proc.wait(), n / rate + 180)  # bounded: a stuck run is killed
     except TimeoutError:
         proc.kill()
         await proc.wait()
     wall = time.perf_counter() - t0
+    cpu = procstat.used(cpu0, procstat.snapshot())
     s = sipp_stats(stats)
-    return Run(int(s.get("SuccessfulCall(C)", 0)), int(s.get("FailedCall(C)", 0)), wall)
+    return Run(int(s.get("SuccessfulCall(C)", 0)), int(s.get("FailedCall(C)", 0)), wall, cpu)
 
 
 def count_rows(url: str, since_id: int) -> tuple[int, int]:
@@ -129,6 +137,7 @@ async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], second
                   f"{ours.failed:4d} failed {ours.cps:6.1f} cps ({ours.wall:5.1f} s, sustained "
                   f"{ours.sustained(length):5.1f}/s), {rows} rows | ratio {ours.cps / max(plain.cps, 1e-9):.2f}",
                   flush=True)
+            print(f"        CPU per call: plain {plain.cpu_per_call()} | shopcall {ours.cpu_per_call()}", flush=True)
             if saturated(plain, n, rate):
                 break  # Asterisk itself saturates here
     finally:

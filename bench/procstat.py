@@ -1,0 +1,51 @@
+"""CPU seconds used by the processes of a bench, read from /proc: on a shared 2-core machine a figure per
+call or per request in CPU time is steadier than one in wall time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+KINDS = ("asterisk", "shopcall", "postgres", "sipp")
+
+
+def cpu_seconds(pid: int | str) -> float:
+    """User + system time of one process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def kind(cmdline: str) -> str | None:
+    if "postgres" in cmdline:
+        return "postgres"
+    if "sipp" in cmdline:
+        return "sipp"
+    if "shopcall" in cmdline and "serve" in cmdline:
+        return "shopcall"
+    if cmdline.split(" ", 1)[0].endswith("asterisk"):
+        return "asterisk"
+    return None
+
+
+def snapshot() -> dict[str, float]:
+    """CPU seconds by pid for the processes of the KINDS, keyed 'kind:pid'."""
+    out: dict[str, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            k = kind(cmd)
+            if k:
+                out[f"{k}:{pid}"] = cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):
+            continue  # the process went away between listdir and read
+    return out
+
+
+def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each kind used between two snapshots (processes that ended in between are not counted)."""
+    total = dict.fromkeys(KINDS, 0.0)
+    for key, t in after.items():
+        total[key.split(":", 1)[0]] += t - before.get(key, 0.0)
+    return total
