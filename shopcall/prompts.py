@@ -32,6 +32,13 @@ BUILT_EXTS = ("wav", "ulaw")
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+def _mtime_ns(directory: Path) -> int:
+    try:
+        return directory.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
 class PromptTextError(ValueError):
     """prompts.toml is malformed: missing text, unknown placeholder, bad id."""
 
@@ -51,6 +58,9 @@ class Prompts:
         self.custom_dir = Path(custom_dir) if custom_dir is not None else None
         self.variables = dict(variables)
         self._texts: dict[str, dict[str, str]] | None = None
+        # (prompt, lang) -> (the two directories' mtimes, the path chosen): one stat per directory per
+        # prompt played instead of ten; adding, removing or renaming a file changes its directory's mtime
+        self._resolved: dict[tuple[str, str], tuple[tuple[int, int], Path]] = {}
 
     def load_texts(self) -> dict[str, dict[str, str]]:
         """Parse and render prompts.toml -> {prompt_id: {lang: text}}; raises PromptTextError."""
@@ -117,14 +127,20 @@ class Prompts:
     async def path(self, prompt_id: str, lang: str) -> Path:
         """Base path (no extension) to play: a recording if any, else the synthesised prompt."""
         text = self.text(prompt_id, lang)
+        stamp = (_mtime_ns(self.custom_dir / lang) if self.custom_dir else 0, _mtime_ns(self.out_dir / lang))
+        hit = self._resolved.get((prompt_id, lang))
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
         custom = self.custom_base(prompt_id, lang)
         if custom is not None:
+            self._resolved[prompt_id, lang] = (stamp, custom)
             return custom
         built = self.out_dir / lang / prompt_id
         if all(with_ext(built, ext).is_file() for ext in BUILT_EXTS):
+            self._resolved[prompt_id, lang] = (stamp, built)
             return built
         await self._build_one(prompt_id, lang, text)
-        return built
+        return built  # not remembered: building it changed the directory's mtime anyway
 
     async def say_text(self, text: str, lang: str) -> Path:
         """Free text (amounts, dates, order numbers) -> cached TTS base path."""
