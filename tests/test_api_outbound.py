@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
 import pytest
 
+from shopcall import scripts
 from tests.test_api import AUTH, api, client  # noqa: F401 (fixtures)
 from tests.test_cli_db import config, shopcall  # noqa: F401 (fixture)
 
@@ -147,3 +149,21 @@ def test_cli_import_dnc_and_campaigns(config, tmp_path, conn):  # noqa: F811
     assert shopcall("dnc", "add", "nope", config=config).returncode == 2
     table = shopcall("campaigns", config=config)
     assert table.returncode == 0 and "cart_followup" in table.stdout and "order_confirmation" in table.stdout
+
+
+async def test_a_template_that_would_build_too_much_is_a_quick_422_naming_the_limit(client, conn):  # noqa: F811
+    url = "/api/v1/scripts/cart_followup/offer"
+    for template, problem in (("{{ 'a' * 10**9 }}", "a string of 1000000000 characters (limit 10000)"),
+                              ("{{ 'x'|center(10**9) }}", "a string of 1000000000 characters (limit 10000)"),
+                              ("{{ 9**(9**9) }}", "a number of 369693099 digits (limit 1000)"),
+                              ("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+                               "too much work"),
+                              ("{{ product * 200 }}", "says 2400 characters (limit 2000)")):
+        started = time.perf_counter()
+        resp = await client.put(url, json={"template": template}, headers=AUTH)
+        body = await resp.json()
+        assert resp.status == 422 and problem in body["error"], body
+        assert body["detail"]["field"] == "template"
+        assert time.perf_counter() - started < 1  # tens of ms; unguarded, the first took seconds and gigabytes
+    parts = (await (await client.get("/api/v1/scripts/cart_followup", headers=AUTH)).json())["parts"]
+    assert parts["offer"] == scripts.default("cart_followup", "offer", "ru")  # nothing was saved

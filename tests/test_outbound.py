@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -513,3 +515,93 @@ def test_every_scenario_has_a_dialogue_default_words_and_a_sample():
     from shopcall.flows.outbound import SCENARIOS
 
     assert set(SCENARIOS) == set(scripts.DEFAULTS) == set(scripts.SAMPLES)
+
+
+# a template that would build gigabytes or loop for minutes while it is checked (the event loop is shared with
+# live calls) is refused at once, naming the limit; unguarded, the first took seconds and gigabytes
+BOMBS = [
+    ("{{ 'a' * 10**9 }}", "a string of 1000000000 characters"),
+    ("{{ 10**9 * 'a' }}", "a string of 1000000000 characters"),
+    ("{{ 'a' * 10**6 * 10**3 }}", "a string of 1000000 characters"),
+    ("{{ [1] * 10**9 }}", "a list of 1000000000 items"),
+    ("{{ range(10**9)|list }}", "a range of 1000000000 items"),
+    ("{{ ('a' * 10000)|replace('a', 'a' * 10000) }}", "a string of 100000000 characters"),
+    ("{{ ('a' * 10000).replace('', 'b' * 10000) }}", "a string of 100020000 characters"),
+    ("{{ 9**(9**9) }}", "a number of 369693099 digits"),  # Jinja's ** is left-associative: 9**9**9 is (9**9)**9
+    ("{{ (2**3000) * (2**3000) }}", "a number of 1802 digits"),
+    ("{{ '%999999999s'|format('x') }}", "a string of"),
+    ("{{ '%*s' % (999999999, 'x') }}", "a string of 999999999 characters"),
+    ("{{ '{:>999999999}'.format('x') }}", "a string of"),
+    ("{{ '{:{}}'.format('x', 999999999) }}", "a string of"),  # the width from a nested field
+    ("{{ 'x'|center(10**9) }}", "a string of 1000000000 characters"),
+    ("{{ 'x'.ljust(10**9) }}", "a string of 1000000000 characters"),
+    ("{{ 'x'|indent(10**9) }}", "a string of"),
+    ("{{ ('\t' * 5000).expandtabs(10**6) }}", "a string of"),
+    ("{{ (['a' * 10000] * 10000)|join }}", "a text of more than 10000 characters"),
+    ("{{ [1]|batch(10**9, 0)|list }}", "a batch of 1000000000 items"),
+    ("{{ 1.5|round(10**9, 'ceil') }}", "a number of 1000000000 digits"),
+    ("{% set ns = namespace(s='a' * 1000) %}{% for i in range(30) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "a string of 16000 characters"),
+    ("{% set ns = namespace(l=[1]) %}{% for i in range(60) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}",
+     "a text of more than 10000 characters"),  # shared sublists: 2**60 items in print, a few in memory
+    ("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}", "too much work"),
+    ("{% set x %}{% for i in range(10000) %}{{ 'a' * 9999 }}{% endfor %}{% endset %}", "too much work"),
+    ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}", "too much work"),
+    ("{% for i in range(10000) %}{{ range(10000)|select|max }}{% endfor %}", "too much work"),
+    ("{{ lipsum(10**9) }}", "'lipsum' is undefined"),
+    ("{% set l = [] %}{% for i in range(60) %}{{ l.append(l) }}{% endfor %}", "unsafe"),
+]
+
+
+@pytest.mark.parametrize("template, problem", BOMBS)
+def test_a_template_that_would_build_too_much_is_refused_at_once(template, problem):
+    started = time.perf_counter()
+    with pytest.raises(scripts.ScriptError, match=re.escape(problem)):
+        scripts.validate("cart_followup", "offer", "ru", template)
+    assert time.perf_counter() - started < 0.5  # ~1-25 ms; generous for a loaded machine
+
+
+def test_a_script_part_says_at_most_max_spoken_characters():
+    with pytest.raises(scripts.ScriptError, match=r"says 2400 characters \(limit 2000\)"):
+        scripts.validate("cart_followup", "offer", "ru", "{{ product * 200 }}")
+    assert len(scripts.validate("cart_followup", "offer", "ru", "{{ 'a' * 2000 }}")) == 2000
+
+
+def test_the_limits_leave_ordinary_templates_alone():
+    for scenario, parts in scripts.DEFAULTS.items():
+        sample = {**scripts.COMMON_SAMPLE, **scripts.SAMPLES[scenario]}
+        for part, by_language in parts.items():
+            for language, default in by_language.items():  # a shop's copy of ours: the limits apply to it
+                assert scripts.validate(scenario, part, language, default + " ") == scripts.render_text(
+                    default, language, sample)
+    ordinary = ("{% for item in items|sort(attribute='name') %}{{ loop.index }}. {{ item.name|lower }}"
+                "{% if item.qty > 1 %} × {{ item.qty|number }}{% endif %}; {% endfor %}"
+                "{{ '{:,.2f}'.format(total) }} {{ '%05.1f' % 2.5 }} {{ items|join(', ', attribute='name') }}"
+                "{% set ns = namespace(n=0) %}{% for i in range(3) %}{% set ns.n = ns.n + i %}{% endfor %} {{ ns.n }}"
+                "{% macro m(x) %}[{{ x ~ caller() }}]{% endmacro %}{% call m(1) %}!{% endcall %} {{ 'x'.center(5, '*') }}")
+    assert scripts.validate("order_confirmation", "confirm", "ru", ordinary) == (
+        "1. футболка × два; 1,980.00 002.5 Футболка 3[1!] **x**")
+    # a big order at call time: our default reads it all (its data is bounded by the events API) ...
+    items = [scripts.order_item({"name": "Ф" * 500, "qty": 3, "price": "990"}) for _ in range(200)]
+    big = {**scripts.COMMON_SAMPLE, **scripts.SAMPLES["order_confirmation"], "items": items}
+    default = scripts.default("order_confirmation", "confirm", "ru")
+    assert len(scripts.render_text(default, "ru", big)) > 100_000
+    # ... a shop's template hits a limit, and the call says our default instead (below)
+    with pytest.raises(scripts.ScriptError):
+        scripts.render_text(default + " ", "ru", big)
+
+
+async def test_a_shop_script_past_a_limit_at_call_time_is_replaced_by_the_default(app, conn):
+    # saved before the limits, or made too long by the call's own data: the call says our words and goes on
+    await conn.execute("INSERT INTO scripts (scenario, segment, language, part, template) VALUES "
+                       "('cart_followup', 'default', 'ru', 'offer', '{{ product * 200 }}'), "
+                       "('cart_followup', 'default', 'ru', 'no', '{{ ''a'' * 10**9 }}')")
+    await consent(app.pool)
+    started = time.perf_counter()
+    call, d = await start(app, conn, CART, keys=["2"])
+    assert time.perf_counter() - started < 5
+    offer, bye = said(call)[1:]
+    assert offer.startswith("Вы интересовались: Духовой шкаф. Только сегодня") and len(offer) < 200
+    assert bye == scripts.default("cart_followup", "no", "ru")
+    job, att = await settled(conn, d)
+    assert (job["status"], job["result"], att["outcome"]) == ("done", "refused", "answered")
