@@ -15,7 +15,7 @@ process's own CPU time: requests per CPU-second of the server (user + system, fr
 (a) runs on the event loop `shopcall serve` runs on (uvloop when installed; SHOPCALL_EVENT_LOOP=asyncio
 for asyncio's own).
 
-    .venv/bin/python bench/agi_decisions.py [--requests 3000] [--concurrency 50]
+    .venv/bin/python bench/agi_decisions.py [--requests 3000] [--concurrency 50] [--pin]
 """
 
 from __future__ import annotations
@@ -70,8 +70,20 @@ async def load_generator(port: int, requests: int, concurrency: int) -> list[flo
     return latencies
 
 
+SERVER_CORE: set[int] = set()  # --pin: {0}
+
+
+def pin(server: bool) -> None:
+    """--pin: the server alone on one core; this process, the generator and PostgreSQL on the others."""
+    if SERVER_CORE:
+        others = set(range(os.cpu_count() or 1)) - SERVER_CORE
+        os.sched_setaffinity(0, SERVER_CORE if server else others)
+
+
 def run_load(port: int, requests: int, concurrency: int, out: multiprocessing.Queue) -> None:
-    out.put(asyncio.run(load_generator(port, requests, concurrency)))
+    pin(server=False)
+    # the generator shares a core with PostgreSQL: on uvloop it takes less of it (a third, measured)
+    out.put(run_loop(load_generator(port, requests, concurrency)))
 
 
 def measure(port: int, requests: int, concurrency: int) -> tuple[float, list[float]]:
@@ -87,6 +99,7 @@ def measure(port: int, requests: int, concurrency: int) -> tuple[float, list[flo
 
 
 def shopcall_server(url: str, ready: multiprocessing.Event, port_out: multiprocessing.Value) -> None:
+    pin(server=True)
     async def main() -> None:
         async with db.open_pool(url, min_size=4, max_size=8) as pool:
             directory = Directory(pool, timezone="Europe/Moscow", default_menu=Menu())
@@ -107,6 +120,7 @@ def shopcall_server(url: str, ready: multiprocessing.Event, port_out: multiproce
 
 
 def baseline_server(url: str, ready: multiprocessing.Event, port_out: multiprocessing.Value) -> None:
+    pin(server=True)
     class Handler(socketserver.StreamRequestHandler):
         def handle(self) -> None:
             env = {}
@@ -153,7 +167,12 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=50)
     ap.add_argument("--database-url", default=os.environ.get("SHOPCALL_BENCH_DATABASE_URL", ""))
+    ap.add_argument("--pin", action="store_true",
+                    help="the server alone on core 0, everything else on the other cores (needs 2+)")
     args = ap.parse_args()
+    if args.pin and (os.cpu_count() or 1) >= 2:
+        SERVER_CORE.add(0)
+        pin(server=False)  # before PostgreSQL starts, so its processes inherit the other cores
     url = args.database_url
     pgdata = None
     if not url:

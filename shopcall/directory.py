@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from psycopg_pool import AsyncConnectionPool
 
+from shopcall.batch import Batcher
 from shopcall.call import DialStrategy
 from shopcall.hours import Schedule
 
@@ -100,6 +101,7 @@ class Directory:
         # parsed schedules by their columns: parsing the weekly JSON and checking the holiday country was a
         # tenth of a routing request's CPU, and a shop has a handful of schedules that rarely change
         self._schedules: dict[tuple, Schedule] = {}
+        self._routes: Batcher[str, dict] = Batcher(self._route_rows)  # a burst of calls: one query
 
     def _schedule(self, row: Mapping) -> Schedule:
         if not row["schedule_row"]:
@@ -113,8 +115,8 @@ class Directory:
             schedule = self._schedules[key] = Schedule.from_row(row)
         return schedule
 
-    async def route(self, dialled: str) -> NumberRoute:
-        """The number's row, else the catch-all row, else the defaults (Mon–Fri 9–18, the standard menu)."""
+    async def _route_rows(self, numbers: list[str]) -> dict[str, dict]:
+        """Each dialled number's row, else the catch-all row (absent: neither exists), in one query."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 """
@@ -130,12 +132,16 @@ class Directory:
                   LEFT JOIN categories cat ON cat.name = n.category
                   LEFT JOIN groups cg ON cg.id = cat.group_id
                  WHERE n.number = ANY(%s)
-                 ORDER BY n.number = %s DESC
-                 LIMIT 1
                 """,
-                ([dialled, CATCH_ALL_NUMBER], dialled),
+                ([*numbers, CATCH_ALL_NUMBER],),
             )
-            row = await cur.fetchone()
+            rows = {r["number"]: r for r in await cur.fetchall()}
+        catch_all = rows.get(CATCH_ALL_NUMBER)
+        return {n: row for n in numbers if (row := rows.get(n, catch_all)) is not None}
+
+    async def route(self, dialled: str) -> NumberRoute:
+        """The number's row, else the catch-all row, else the defaults (Mon–Fri 9–18, the standard menu)."""
+        row = await self._routes.get(dialled)
         if row is None:
             log.info("number %r has no row and there is no %r row: using defaults", dialled, CATCH_ALL_NUMBER)
             return NumberRoute(dialled, "greeting", True, "ru", self.default_schedule, self.default_menu, None, None)
