@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +34,10 @@ sys.path.insert(0, str(REPO))
 import psycopg  # noqa: E402
 
 from bench import procstat  # noqa: E402
-from shopcall import db  # noqa: E402
-from tests.pbx import DEFAULT_ROOT, AsteriskPbx, root_is_ready  # noqa: E402
-from tests.pbx.service import DIRECTORY, Shopcall, free_tcp_port  # noqa: E402
+from bench.pbx_service import NUMBER, root_missing, shopcall_service  # noqa: E402
+from tests.pbx import DEFAULT_ROOT, AsteriskPbx  # noqa: E402
 from tests.pbx.sipp import SIPP, SippAgent, free_media_port, free_sip_port, render_caller_scenario  # noqa: E402
 
-NUMBER = "710"
 TARGET_RATIO = 0.9
 
 
@@ -152,48 +149,13 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds of calls at each rate")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
-    if not root_is_ready(DEFAULT_ROOT) or os.geteuid() != 0:
-        print(f"needs root and the Asterisk root at {DEFAULT_ROOT} (scripts/build-asterisk-root.sh)")
+    if why := root_missing():
+        print(why)
         return 2
-
-    work = Path(tempfile.mkdtemp(prefix="shopcall-e2e-ratio-"))
-    data = work / "shopcall"
-    data.mkdir()
-    pgdata = work / "pg" / "data"
-    url = db.start_embedded(pgdata)
-    app = pbx = None
-    try:
-        asyncio.run(db.migrate_url(url))
-        agi_port = free_tcp_port()
-        config = work / "shopcall.toml"
-        config.write_text(f"""
-[shop]
-name = "Bench"
-[paths]
-data_dir = "{data}"
-[database]
-url = "{url}"
-pool_max = 10
-[agi]
-port = {agi_port}
-backlog = 4096
-[inbound]
-ring_timeout = 20
-[log]
-level = "WARNING"
-""", encoding="utf-8")
-        app = Shopcall(config, work / "shopcall.log", agi_port)
-        app.cli("db", "load", str(DIRECTORY))
-        with psycopg.connect(url, autocommit=True) as conn:  # a group number: no menu, no notice, no recording
-            conn.execute("""INSERT INTO numbers (number, title, schedule_id, group_id, recording_notice, sticky,
-                                                 by_last_category, recording_policy)
-                            SELECT %s, 'bench', s.id, g.id, false, false, false, 'never'
-                              FROM schedules s, groups g WHERE s.name = 'always' AND g.name = 'sales'""",
-                         (NUMBER,))
-        include = data / "asterisk-shopcall.conf"
-        app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
-        app.start()  # also synthesises the prompts the plain context plays
-        sounds = data / "sounds" / "ru"
+    results: list[tuple] = []
+    with shopcall_service("shopcall-e2e-ratio-", sections="[inbound]\nring_timeout = 20") as svc:
+        work = svc.work
+        sounds = svc.data / "sounds" / "ru"  # serve built them before it listened
         dialplan = f"""
 [test-in]
 exten => {NUMBER},1,Goto(shopcall-inbound,${{EXTEN}},1)
@@ -204,19 +166,16 @@ exten => plain{NUMBER},1,Answer()
  same => n,Dial(PJSIP/agent1,20)
  same => n,Hangup()
 
-#include "{include}"
+#include "{svc.include}"
 """
-        pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data],
+        pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[svc.data],
                           agents={"agent1": free_sip_port()}, dialplan=dialplan, rtp_ports=(24000, 29999))
         pbx.start()
-        print(f"cores: {os.cpu_count()}; Asterisk 22, shopcall serve, PostgreSQL and SIPp on the same machine")
-        results = asyncio.run(sweep(pbx, work, url, rates, args.seconds))
-    finally:
-        if pbx:
+        try:
+            print(f"cores: {os.cpu_count()}; Asterisk 22, shopcall serve, PostgreSQL and SIPp on the same machine")
+            results = asyncio.run(sweep(pbx, work, svc.url, rates, args.seconds))
+        finally:
             pbx.stop()
-        if app:
-            app.stop()
-        db.stop_embedded(pgdata)
     if not results:
         return 1
     rate, n, plain = results[-1][:3]

@@ -35,13 +35,11 @@ caller queries and ANSWER; plain answers at once) and INVITE → first RTP, the 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,19 +47,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import psycopg  # noqa: E402
 
-from shopcall import db  # noqa: E402
+from bench.pbx_service import NUMBER, root_missing, shopcall_service  # noqa: E402
 from shopcall.app import PROMPTS_FILE  # noqa: E402
 from shopcall.prompts import Prompts  # noqa: E402
 from shopcall.tts import Tts, with_ext  # noqa: E402
-from tests.pbx import DEFAULT_ROOT, AsteriskPbx, root_is_ready  # noqa: E402
+from tests.pbx import DEFAULT_ROOT, AsteriskPbx  # noqa: E402
 from tests.pbx.lo_capture import LoopbackCapture, Packet  # noqa: E402
 from tests.pbx.rtp_pcap import RtpStream  # noqa: E402
-from tests.pbx.service import DIRECTORY, Shopcall, free_tcp_port  # noqa: E402
 from tests.pbx.sipp import SCENARIO_DIR, SIPP, free_media_port, free_sip_port  # noqa: E402
 
-NUMBER = "710"
 SHOP = "Bench"
 CONDITIONS = ("plain", "warm", "cold")
 TITLES = {
@@ -244,44 +239,12 @@ def main() -> int:
                     "500 ms wait for the caller's media on answer)")
     ap.add_argument("--verbose", action="store_true", help="print every call's figures")
     args = ap.parse_args()
-    if not root_is_ready(DEFAULT_ROOT) or os.geteuid() != 0:
-        print(f"needs root and the Asterisk root at {DEFAULT_ROOT} (scripts/build-asterisk-root.sh)")
+    if why := root_missing():
+        print(why)
         return 2
-
-    work = Path(tempfile.mkdtemp(prefix="shopcall-prompt-latency-"))
-    data = work / "shopcall"
-    data.mkdir()
-    pgdata = work / "pg" / "data"
-    url = db.start_embedded(pgdata)
-    app = pbx = None
-    try:
-        asyncio.run(db.migrate_url(url))
-        agi_port = free_tcp_port()
-        config = work / "shopcall.toml"
-        config.write_text(f"""
-[shop]
-name = "{SHOP}"
-[paths]
-data_dir = "{data}"
-[database]
-url = "{url}"
-[agi]
-port = {agi_port}
-[log]
-level = "WARNING"
-""", encoding="utf-8")
-        app = Shopcall(config, work / "shopcall.log", agi_port)
-        app.cli("db", "load", str(DIRECTORY))
-        with psycopg.connect(url, autocommit=True) as conn:  # a group number: greeting first, no notice, no menu
-            conn.execute("""INSERT INTO numbers (number, title, schedule_id, group_id, recording_notice, sticky,
-                                                 by_last_category, recording_policy)
-                            SELECT %s, 'bench', s.id, g.id, false, false, false, 'never'
-                              FROM schedules s, groups g WHERE s.name = 'always' AND g.name = 'sales'""",
-                         (NUMBER,))
-        include = data / "asterisk-shopcall.conf"
-        app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
-        app.start()  # synthesises every prompt before it listens
-        sounds = data / "sounds"
+    with shopcall_service("shopcall-prompt-latency-", shop=SHOP) as svc:
+        work = svc.work
+        sounds = svc.data / "sounds"
         greeting = sounds / "ru" / "greeting"
         tts = Tts(sounds / "cache")  # the service's defaults: voices, speed 150, espeak-ng
         text = Prompts(tts, PROMPTS_FILE, sounds, None, {"shop_name": SHOP}).text("greeting", "ru")
@@ -290,7 +253,7 @@ level = "WARNING"
             assert f.is_file(), f"{f} not built at start-up"
         for f in (with_ext(cache_entry, e) for e in EXTS):
             assert f.is_file(), f"{f}: the greeting's cache entry is not where Tts.cache_base says"
-        baseline = data / "baseline" / "greeting"
+        baseline = svc.data / "baseline" / "greeting"
         baseline.parent.mkdir()
         for ext in EXTS:
             shutil.copy2(with_ext(greeting, ext), with_ext(baseline, ext))
@@ -302,33 +265,30 @@ exten => plain{NUMBER},1,Answer()
  same => n,Playback({baseline})
  same => n,Hangup()
 
-#include "{include}"
+#include "{svc.include}"
 """
-        pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data], dialplan=dialplan,
+        pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[svc.data], dialplan=dialplan,
                           rtp_ports=(24000, 29999))
         pbx.start()
-        bench = Bench(work, pbx, greeting, cache_entry, baseline, args.hold, args.silent_caller)
-        bench.verbose = args.verbose
-        print(f"cores: {os.cpu_count()}; Asterisk 22, shopcall serve, PostgreSQL and SIPp on the same machine; "
-              f"{args.calls} calls per condition, one at a time, caller "
-              f"{'silent' if args.silent_caller else 'sending RTP'}; work dir {work}", flush=True)
-        t0 = time.monotonic()
-        with LoopbackCapture([bench.sip_port, bench.media_port]) as cap:
-            for r in range(args.warmup + args.calls):
-                order = CONDITIONS[r % 3:] + CONDITIONS[:r % 3]
-                for condition in order:
-                    bench.call(cap, condition, count=r >= args.warmup)
-                    time.sleep(args.gap)
-                if r >= args.warmup and (r - args.warmup + 1) % 5 == 0:
-                    print(f"  {r - args.warmup + 1} rounds done ({time.monotonic() - t0:.0f} s)", flush=True)
-        bench.report()
-        print(f"wall time of the calls: {time.monotonic() - t0:.0f} s")
-    finally:
-        if pbx:
+        try:
+            bench = Bench(work, pbx, greeting, cache_entry, baseline, args.hold, args.silent_caller)
+            bench.verbose = args.verbose
+            print(f"cores: {os.cpu_count()}; Asterisk 22, shopcall serve, PostgreSQL and SIPp on the same machine; "
+                  f"{args.calls} calls per condition, one at a time, caller "
+                  f"{'silent' if args.silent_caller else 'sending RTP'}; work dir {work}", flush=True)
+            t0 = time.monotonic()
+            with LoopbackCapture([bench.sip_port, bench.media_port]) as cap:
+                for r in range(args.warmup + args.calls):
+                    order = CONDITIONS[r % 3:] + CONDITIONS[:r % 3]
+                    for condition in order:
+                        bench.call(cap, condition, count=r >= args.warmup)
+                        time.sleep(args.gap)
+                    if r >= args.warmup and (r - args.warmup + 1) % 5 == 0:
+                        print(f"  {r - args.warmup + 1} rounds done ({time.monotonic() - t0:.0f} s)", flush=True)
+            bench.report()
+            print(f"wall time of the calls: {time.monotonic() - t0:.0f} s")
+        finally:
             pbx.stop()
-        if app:
-            app.stop()
-        db.stop_embedded(pgdata)
     return 0 if all(bench.samples[c] for c in CONDITIONS) else 1
 
 
