@@ -3,11 +3,10 @@ The FastAGI server (agi/) and the event socket server (esl/) only say how a sess
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 from shopcall.call import CallEnded, PbxError
@@ -34,7 +33,7 @@ def peer_allowed(host: str, allow: Sequence[Network]) -> bool:
     return any(addr in net for net in allow if net.version == addr.version)
 
 
-class Listener(abc.ABC):
+class Listener:
     label = "server"  # for the logs: "FastAGI", "ESL outbound server"
     allow_key = "allow"  # the configuration key an admin would change
     line_limit: int | None = None  # StreamReader limit; None = asyncio's default
@@ -60,13 +59,17 @@ class Listener(abc.ABC):
         self.sessions_total = 0
 
     async def start(self) -> None:
-        extra = {"limit": self.line_limit} if self.line_limit else {}
-        self.server = await asyncio.start_server(
-            self._on_connect, self.host, self.port, backlog=self.backlog, reuse_address=True, **extra
-        )
+        self.server = await self._listen()
         sock = self.server.sockets[0].getsockname()
         self.port = sock[1]
         log.info("%s listening on %s:%s (flows: %s)", self.label, sock[0], sock[1], ", ".join(sorted(self.routes)))
+
+    async def _listen(self) -> asyncio.Server:
+        """A stream server: each connection gets a reader and writer (open_session, serve)."""
+        extra = {"limit": self.line_limit} if self.line_limit else {}
+        return await asyncio.start_server(
+            self._on_connect, self.host, self.port, backlog=self.backlog, reuse_address=True, **extra
+        )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop listening; calls in progress get `grace` seconds to finish."""
@@ -78,25 +81,35 @@ class Listener(abc.ABC):
             for task in pending:
                 task.cancel()
 
-    @abc.abstractmethod
-    def open_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tag: str) -> Any: ...
+    def open_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tag: str) -> Any:
+        raise NotImplementedError  # stream servers say how a session starts
 
-    @abc.abstractmethod
     async def serve(self, session: Any) -> None:
         """Start the session, find its flow and run it."""
+        raise NotImplementedError
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task:
-            self.active.add(task)
         peer = writer.get_extra_info("peername") or ("?", 0)
         tag = f"{peer[0]}:{peer[1]}"
         session = self.open_session(reader, writer, tag)
+        if not self.admits(peer, tag):
+            await session.close()
+            return
+        await self.run_session(session, self.serve(session))
+
+    def admits(self, peer: Any, tag: str) -> bool:
+        if peer_allowed(str(peer[0]), self.allow):
+            return True
+        log.warning("%s: refused connection from %s (not in %s)", self.label, tag, self.allow_key)
+        return False
+
+    async def run_session(self, session: Any, work: Coroutine[Any, Any, None]) -> None:
+        """Run one call's work as a tracked task: how it ended goes to the log, the session is closed."""
+        task = asyncio.current_task()
+        if task:
+            self.active.add(task)
         try:
-            if not peer_allowed(str(peer[0]), self.allow):
-                log.warning("%s: refused connection from %s (not in %s)", self.label, tag, self.allow_key)
-                return
-            await self.serve(session)
+            await work
         except CallEnded as exc:
             log.info("%s: call ended: %s", session.tag, exc)
         except PbxError as exc:

@@ -232,3 +232,74 @@ def test_call_info_from_asterisk_env():
     env.update(agi_callerid="unknown", agi_calleridname="unknown", agi_channel="DAHDI/1-1")
     info = call_info(env, parse_script(env))
     assert (info.caller_number, info.caller_name) == ("", "")
+
+
+async def test_header_and_replies_a_byte_at_a_time(server):
+    """The protocol splits lines itself: nothing may depend on how TCP cuts the bytes."""
+    r, w = await Peer(server.port).open()
+    for i in range(len(ENV)):
+        w.write(ENV[i:i + 1])
+        await w.drain()
+    assert await read_cmd(r) == b"ANSWER\n"
+    for reply, cmd in ((b"200 result=0\n", b'GET VARIABLE "X"\n'), (b"200 result=1 (a b)\n", b"NOOP\n")):
+        for i in range(len(reply)):
+            w.write(reply[i:i + 1])
+            await w.drain()
+        assert await read_cmd(r) == cmd
+    w.write(b"200 result=0\n")
+    assert await asyncio.wait_for(r.read(), 5) == b""
+    assert server.seen[0]["var"] == "a b"
+
+
+async def test_a_hangup_line_glued_to_the_header_is_kept_for_the_flow(server):
+    r, w = await Peer(server.port).open()
+    w.write(ENV + b"HANGUP\n")  # one read: the block and a line after it
+    assert await read_cmd(r) == b"ANSWER\n"
+    w.write(b"511 Command Not Permitted on a dead channel or intercept routine\n")
+    assert await asyncio.wait_for(r.read(), 5) == b""
+    assert server.seen[0]["ended"] == "CallEnded"
+
+
+async def test_an_over_long_reply_line_ends_the_call_cleanly(server, caplog):
+    caplog.set_level(logging.WARNING, "shopcall.agi")
+    r, w = await Peer(server.port).open()
+    w.write(ENV)
+    assert await read_cmd(r) == b"ANSWER\n"
+    w.write(b"200 result=0 (" + b"x" * 20000)  # no newline: not Asterisk
+    assert await asyncio.wait_for(r.read(), 5) == b""
+    assert server.seen[0]["ended"] == "CallEnded"
+    assert "longer than" in caplog.text
+    r, w = await Peer(server.port).open()  # the server goes on serving
+    w.write(ENV)
+    for reply in (b"200 result=0\n", b"200 result=1 (v)\n", b"200 result=0\n"):
+        await read_cmd(r)
+        w.write(reply)
+    assert await asyncio.wait_for(r.read(), 5) == b"" and server.seen[1]["var"] == "v"
+
+
+async def test_a_peer_outside_the_allow_list_is_refused_before_it_speaks(caplog):
+    caplog.set_level(logging.WARNING, "shopcall.listener")
+    srv = FastAgiServer({"inbound": lambda *a: asyncio.sleep(0)}, host="0.0.0.0", port=0, allow=["203.0.113.7/32"])
+    await srv.start()
+    try:
+        ip = next((a for a in _local_addresses() if not a.startswith("127.") and a != "203.0.113.7"), None)
+        if ip is None:
+            pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+        r, w = await asyncio.open_connection(ip, srv.port)
+        w.write(ENV)
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        assert srv.sessions_total == 0 and "refused connection" in caplog.text
+    finally:
+        await srv.stop(grace=1)
+
+
+def _local_addresses() -> list[str]:
+    """This machine's outbound IPv4 address (a UDP connect sends nothing), if it has a route at all."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return []
+        return [s.getsockname()[0]]
