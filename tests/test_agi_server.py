@@ -303,3 +303,28 @@ def _local_addresses() -> list[str]:
         except OSError:
             return []
         return [s.getsockname()[0]]
+
+
+def test_a_session_on_uvloop():
+    """`shopcall serve` runs on uvloop, whose transports are not asyncio.Transport subclasses."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> list[str | None]:
+        got: list[str | None] = []
+
+        async def handler(session: AgiSession, env, script):
+            got.append((await session.send(b'GET VARIABLE "X"\n')).data)
+
+        srv = FastAgiServer({"inbound": handler}, port=0, command_timeout=2.0)
+        await srv.start()
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+            w.write(ENV)
+            assert await read_cmd(r) == b'GET VARIABLE "X"\n'
+            w.write(b"200 result=1 (on uvloop)\n")
+            assert await asyncio.wait_for(r.read(), 5) == b""
+        finally:
+            await srv.stop(grace=1)
+        return got
+
+    assert uvloop.run(scenario()) == ["on uvloop"]
