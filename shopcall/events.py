@@ -64,6 +64,9 @@ def _bool(value: Any, name: str, _region: str) -> bool:
     return value
 
 
+MAX_AMOUNT = Decimal("1e10")  # the largest amount taken; orders.total (numeric(12, 2)) stays below it
+
+
 def _money(value: Any, name: str, _region: str) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise EventError(f"{name}: expected an amount such as 990.00", name)
@@ -71,7 +74,7 @@ def _money(value: Any, name: str, _region: str) -> Decimal:
         amount = Decimal(str(value))
     except InvalidOperation:
         raise EventError(f"{name}: expected an amount such as 990.00", name) from None
-    if not amount.is_finite() or amount < 0 or amount > Decimal("1e10"):
+    if not amount.is_finite() or amount < 0 or amount > MAX_AMOUNT:
         raise EventError(f"{name}: expected a non-negative amount", name)
     return amount.quantize(Decimal("0.01"))
 
@@ -277,6 +280,8 @@ async def _order(conn, event_id: int, ev: dict, now: datetime) -> dict:
     total = ev.get("total")
     if total is None:
         total = sum((Decimal(i.get("price", "0")) * i.get("qty", 1) for i in items), Decimal("0.00"))
+    if total >= MAX_AMOUNT:  # given, or prices times quantities: orders.total would overflow
+        raise EventError(f"total: the order's amount must be below {MAX_AMOUNT:.0f}", "total")
     existing = await (await conn.execute("SELECT customer_id FROM orders WHERE number = %s",
                                          (ev["order_number"],))).fetchone()
     if existing and existing["customer_id"] not in (None, customer):
