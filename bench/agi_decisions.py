@@ -15,7 +15,10 @@ process's own CPU time: requests per CPU-second of the server (user + system, fr
 (a) runs on the event loop `shopcall serve` runs on (uvloop when installed; SHOPCALL_EVENT_LOOP=asyncio
 for asyncio's own).
 
-    .venv/bin/python bench/agi_decisions.py [--requests 3000] [--concurrency 50] [--pin]
+    .venv/bin/python bench/agi_decisions.py [--requests 3000] [--concurrency 50] [--pin] [--unbatched]
+
+Route lookups that arrive while one is at the database go together as the next query (shopcall/batch.py);
+--unbatched sends each as its own query, to show what that is worth.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from psycopg.rows import dict_row  # noqa: E402
 from agi.server import FastAgiServer  # noqa: E402
 from bench.procstat import cpu_seconds  # noqa: E402
 from shopcall import db  # noqa: E402
+from shopcall.batch import Batcher  # noqa: E402
 from shopcall.cli import run_loop  # noqa: E402
 from shopcall.directory import Directory, Menu  # noqa: E402
 from shopcall.loader import load, read  # noqa: E402
@@ -98,11 +102,16 @@ def measure(port: int, requests: int, concurrency: int) -> tuple[float, list[flo
     return elapsed, lat
 
 
+UNBATCHED: list[bool] = []  # --unbatched: every request its own query (what the batching is worth)
+
+
 def shopcall_server(url: str, ready: multiprocessing.Event, port_out: multiprocessing.Value) -> None:
     pin(server=True)
     async def main() -> None:
         async with db.open_pool(url, min_size=4, max_size=8) as pool:
             directory = Directory(pool, timezone="Europe/Moscow", default_menu=Menu())
+            if UNBATCHED:
+                directory._routes = Batcher(directory._route_rows, max_batch=1)
 
             async def route(session, env, script):
                 r = await directory.route(script.args.get("number", ""))
@@ -169,7 +178,11 @@ def main() -> int:
     ap.add_argument("--database-url", default=os.environ.get("SHOPCALL_BENCH_DATABASE_URL", ""))
     ap.add_argument("--pin", action="store_true",
                     help="the server alone on core 0, everything else on the other cores (needs 2+)")
+    ap.add_argument("--unbatched", action="store_true",
+                    help="shopcall sends every route lookup as its own query (no batching)")
     args = ap.parse_args()
+    if args.unbatched:
+        UNBATCHED.append(True)
     if args.pin and (os.cpu_count() or 1) >= 2:
         SERVER_CORE.add(0)
         pin(server=False)  # before PostgreSQL starts, so its processes inherit the other cores

@@ -73,3 +73,28 @@ async def test_directory_routes_of_a_burst_match_routes_asked_one_by_one(conn, p
     alone = [await directory.route(n) for n in numbers]
     together = await asyncio.gather(*(directory.route(n) for n in numbers))
     assert together == alone
+
+
+async def test_keys_asked_while_a_batch_is_at_the_database_go_together_next():
+    fetch = Fetcher(delay=0.02)
+    batcher = Batcher(fetch)
+    first = asyncio.ensure_future(batcher.get("a"))
+    await asyncio.sleep(0.005)  # "a" is at the database now
+    later = [asyncio.ensure_future(batcher.get(k)) for k in "bcd"]
+    for k in "ef":
+        await asyncio.sleep(0.002)  # other turns of the loop, still during the first query
+        later.append(asyncio.ensure_future(batcher.get(k)))
+    assert [await first, *[await f for f in later]] == list("ABCDEF")
+    assert fetch.calls == [["a"], ["b", "c", "d", "e", "f"]]
+
+
+async def test_a_stalled_batch_stops_holding_the_next_one_back():
+    fetch = Fetcher(delay=0.5)
+    batcher = Batcher(fetch, stall=0.05)
+    slow = asyncio.ensure_future(batcher.get("a"))
+    await asyncio.sleep(0.01)
+    nxt = asyncio.ensure_future(batcher.get("b"))
+    await asyncio.sleep(0.1)
+    assert fetch.calls == [["a"], ["b"]]  # sent after ~0.04 s, not after the first query's 0.5 s
+    assert not slow.done()
+    assert await nxt == "B" and await slow == "A"
