@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from agi.protocol import command, quote
@@ -31,6 +32,8 @@ _DIALSTATUS = {
     "CANCEL": DialStatus.CALLER_GONE,
 }
 _DIAL_OUTCOME = quote("${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}")
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.+:@-]*\Z")
 # Q.850 causes for the few ways a flow ends a call
 _CAUSES = {"normal": 16, "busy": 17, "noanswer": 19, "rejected": 21, "congestion": 34}
 
@@ -180,6 +183,14 @@ class AgiCall(Call):
 
     async def set_var(self, name: str, value: str) -> None:
         await self._send("SET VARIABLE", check_var_name(name), quote(value))
+
+    async def set_vars(self, values: Mapping[str, str]) -> None:
+        """Plain names and values (a flow's outcome, ids) in one MSet instead of a SET VARIABLE each; anything
+        MSet's argument parsing could read differently (a comma, a quote, a function) goes one by one."""
+        if len(values) > 1 and all(_PLAIN_NAME.match(n) and _PLAIN_VALUE.match(v) for n, v in values.items()):
+            await self._send("EXEC", "MSet", quote(",".join(f"{n}={v}" for n, v in values.items())))
+            return
+        await super().set_vars(values)
 
     async def get_var(self, name: str) -> str | None:
         reply = await self.session.send(command("GET VARIABLE", check_var_name(name)))

@@ -49,3 +49,20 @@ def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     for key, t in after.items():
         total[key.split(":", 1)[0]] += t - before.get(key, 0.0)
     return total
+
+
+def pin(kind_name: str, cores: set[int]) -> int:
+    """Move every thread of the running processes of one kind onto `cores` (threads they start later
+    inherit it); returns how many threads were moved."""
+    moved = 0
+    for key in snapshot():
+        k, pid = key.split(":", 1)
+        if k != kind_name:
+            continue
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores)
+                moved += 1
+            except OSError:
+                continue  # the thread ended meanwhile
+    return moved

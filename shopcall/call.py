@@ -187,6 +187,11 @@ class Call(abc.ABC):
     @abc.abstractmethod
     async def set_var(self, name: str, value: str) -> None: ...
 
+    async def set_vars(self, values: Mapping[str, str]) -> None:
+        """Several variables at once; an adapter may send them as one command."""
+        for name, value in values.items():
+            await self.set_var(name, value)
+
     @abc.abstractmethod
     async def get_var(self, name: str) -> str | None: ...
 

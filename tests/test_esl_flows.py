@@ -181,6 +181,9 @@ class AgiPeer:
             self.vars.update(DIALSTATUS="ANSWER" if who else "NOANSWER", ANSWEREDTIME=str(int(talk)),
                              DIALEDPEERNAME=f"PJSIP/{who}-00000002" if who else "")
             return "200 result=0\n"
+        if verb == ["EXEC", "MSet"]:  # name=value pairs split on commas, as Asterisk's MSet does
+            self.vars.update(pair.split("=", 1) for pair in args[2].split(","))
+            return "200 result=0\n"
         if verb == ["EXEC", "Hangup"]:
             self.dead = True
         return "200 result=0\n"
@@ -389,7 +392,7 @@ async def test_freeswitch_dial_sets_the_timeout_on_the_channel_and_keeps_the_cal
     row = await call_row(conn, out.uid)
     assert row["agent"] == "agent2" and row["caller_name"] == "Customer"
     assert peer.commands[:4] == ["connect", "myevents", "linger 30", "resume"]
-    assert peer.commands[-1].startswith("sendmsg")  # the hangup; then we close
+    assert peer.commands[-1].startswith("sendmsg")  # SHOPCALL_OUTCOME; then we close and the dialplan hangs up
 
 
 async def test_freeswitch_cyrillic_caller_name_and_split_reads(app, conn):
