@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 CALLS = 20
 # the rendered fallback's Verbose, as Asterisk logs executing it (once per channel that falls back)
-FALLBACK = re.compile(r'Executing \[[^]]*@shopcall-inbound-run:\d+\] Verbose\("(PJSIP/[^"]+)", "1,shopcall: flow')
+FALLBACK = re.compile(r'Executing \[[^]]*@shopcall-inbound(?:-run)?:\d+\] Verbose\("(PJSIP/[^"]+)", "1,shopcall: flow')
 
 
 @pytest.fixture(scope="module")

@@ -73,8 +73,8 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
         await _choose_language(call, app, rec)
     rec.language = call.language
     greeting = [route.greeting] + (["recording_notice"] if route.recording_notice else [])
-    # a caller who knows the menu may press the key during the greeting
-    early_key = await call.play(*greeting, interruptible=True)
+    # a caller who knows the menu may press the key during the greeting (without a menu no key is listened for)
+    early_key = await call.play(*greeting, interruptible=route.menu is not None)
 
     decision = hours.check(route.schedule, app.clock())
     rec.step("hours", open=decision.open, reason=decision.reason)
