@@ -92,7 +92,7 @@ def main() -> int:
     if (os.cpu_count() or 1) < 2:
         print("needs 2 cores: Asterisk gets one of its own")
         return 2
-    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - ASTERISK_CORE)  # inherited by all we start
+    procstat.run_off(ASTERISK_CORE)  # inherited by all we start
 
     async def run(svc) -> dict[str, list[float]]:
         sounds = svc.data / "sounds" / "ru"

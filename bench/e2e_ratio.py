@@ -161,7 +161,7 @@ def main() -> int:
         return 2
     pinned = args.pin and (os.cpu_count() or 1) >= 2
     if pinned:  # before anything starts, so every process this bench starts inherits the other cores
-        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - ASTERISK_CORE)
+        procstat.run_off(ASTERISK_CORE)
     results: list[tuple] = []
     with shopcall_service("shopcall-e2e-ratio-", sections="[inbound]\nring_timeout = 20") as svc:
         work = svc.work

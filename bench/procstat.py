@@ -66,3 +66,8 @@ def pin(kind_name: str, cores: set[int]) -> int:
             except OSError:
                 continue  # the thread ended meanwhile
     return moved
+
+
+def run_off(cores: set[int]) -> None:
+    """This process, and every process it starts from now on, runs on the other cores (for --pin)."""
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - cores)

@@ -42,9 +42,18 @@ class EslServer(Listener):
         super().__init__(routes, host=host, port=port, allow=allow, command_timeout=command_timeout,
                          backlog=backlog)
 
-    def open_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     tag: str) -> OutboundSession:
-        return OutboundSession(reader, writer, command_timeout=self.command_timeout, tag=tag)
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._on_connect, self.host, self.port, backlog=self.backlog,
+                                          reuse_address=True)
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        tag = f"{peer[0]}:{peer[1]}"
+        session = OutboundSession(reader, writer, command_timeout=self.command_timeout, tag=tag)
+        if not self.admits(peer, tag):
+            await session.close()
+            return
+        await self.run_session(session, self.serve(session))
 
     async def serve(self, session: OutboundSession) -> None:
         channel = await session.connect()

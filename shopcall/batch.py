@@ -22,13 +22,12 @@ V = TypeVar("V")
 
 class Batcher(Generic[K, V]):
     def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]], *, max_batch: int = 200,
-                 max_in_flight: int = 1, stall: float = 0.05) -> None:
+                 stall: float = 0.05) -> None:
         self.fetch = fetch  # keys -> {key: value}; a key left out of the answer gets None
         self.max_batch = max_batch
-        self.max_in_flight = max_in_flight
         self.stall = stall
         self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
-        self._in_flight = 0  # batches at the database that still hold the next one back
+        self._in_flight = 0  # batches at the database that still hold the next one back (2 once one was full)
         self._scheduled = False  # a _flush is due at the end of this turn of the loop
         self._tasks: set[asyncio.Task] = set()
 
@@ -38,7 +37,7 @@ class Batcher(Generic[K, V]):
         self._waiting.setdefault(key, []).append(fut)
         if len(self._waiting) >= self.max_batch:
             self._send()
-        elif self._in_flight < self.max_in_flight:
+        elif not self._in_flight:
             self._schedule()
         return await fut
 
@@ -49,7 +48,7 @@ class Batcher(Generic[K, V]):
 
     def _flush(self) -> None:
         self._scheduled = False
-        if self._waiting and self._in_flight < self.max_in_flight:
+        if self._waiting and not self._in_flight:
             self._send()
 
     def _send(self) -> None:

@@ -3,6 +3,7 @@ The FastAGI server (agi/) and the event socket server (esl/) only say how a sess
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import ipaddress
 import logging
@@ -33,10 +34,9 @@ def peer_allowed(host: str, allow: Sequence[Network]) -> bool:
     return any(addr in net for net in allow if net.version == addr.version)
 
 
-class Listener:
+class Listener(abc.ABC):
     label = "server"  # for the logs: "FastAGI", "ESL outbound server"
     allow_key = "allow"  # the configuration key an admin would change
-    line_limit: int | None = None  # StreamReader limit; None = asyncio's default
 
     def __init__(
         self,
@@ -64,12 +64,9 @@ class Listener:
         self.port = sock[1]
         log.info("%s listening on %s:%s (flows: %s)", self.label, sock[0], sock[1], ", ".join(sorted(self.routes)))
 
+    @abc.abstractmethod
     async def _listen(self) -> asyncio.Server:
-        """A stream server: each connection gets a reader and writer (open_session, serve)."""
-        extra = {"limit": self.line_limit} if self.line_limit else {}
-        return await asyncio.start_server(
-            self._on_connect, self.host, self.port, backlog=self.backlog, reuse_address=True, **extra
-        )
+        """Open the listening socket; each admitted connection runs its call through run_session."""
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop listening; calls in progress get `grace` seconds to finish."""
@@ -80,22 +77,6 @@ class Listener:
             _, pending = await asyncio.wait(self.active, timeout=grace)
             for task in pending:
                 task.cancel()
-
-    def open_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tag: str) -> Any:
-        raise NotImplementedError  # stream servers say how a session starts
-
-    async def serve(self, session: Any) -> None:
-        """Start the session, find its flow and run it."""
-        raise NotImplementedError
-
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        tag = f"{peer[0]}:{peer[1]}"
-        session = self.open_session(reader, writer, tag)
-        if not self.admits(peer, tag):
-            await session.close()
-            return
-        await self.run_session(session, self.serve(session))
 
     def admits(self, peer: Any, tag: str) -> bool:
         if peer_allowed(str(peer[0]), self.allow):
