@@ -111,7 +111,7 @@ def shopcall_server(url: str, ready: multiprocessing.Event, port_out: multiproce
         async with db.open_pool(url, min_size=4, max_size=8) as pool:
             directory = Directory(pool, timezone="Europe/Moscow", default_menu=Menu())
             if UNBATCHED:
-                directory._routes = Batcher(directory._route_rows, max_batch=1)
+                directory._lookups = Batcher(directory._lookup_rows, max_batch=1)
 
             async def route(session, env, script):
                 r = await directory.route(script.args.get("number", ""))

@@ -198,3 +198,20 @@ def test_channel_name_to_endpoint():
     assert channel_endpoint("PJSIP/agent1-0000000a") == "agent1"
     assert channel_endpoint("PJSIP/my-phone-00000001") == "my-phone"
     assert channel_endpoint("Local/100@ctx-00000001;1") == "100@ctx"
+
+
+async def test_lookups_of_a_burst_match_lookups_one_by_one(app):
+    """Route and caller come in one statement for a whole batch: each key still gets its own pair."""
+    import asyncio
+
+    keys = [("400", "+79160000001"), ("400", "+79161234567"), ("400", None), ("no-such-number", "+79160000001"),
+            ("100", "+79990000000"), ("400", "+79160000001")]
+    alone = [await app.directory.lookup(*k) for k in keys]
+    together = await asyncio.gather(*(app.directory.lookup(*k) for k in keys))
+    assert together == alone
+    olga = alone[0][1]
+    assert (olga.manager.endpoint, olga.last_category, olga.last_category_group) == ("agent4", "kitchen", "kitchen")
+    assert alone[1][1].customer_id is not None and alone[1][1].manager is None
+    assert alone[2][1].customer_id is None and alone[4][1].customer_id is None
+    unknown = alone[3][0]  # no row and no catch-all row in this directory: the defaults
+    assert (unknown.number, unknown.greeting, unknown.menu is not None) == ("no-such-number", "greeting", True)

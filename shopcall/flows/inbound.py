@@ -62,8 +62,7 @@ async def inbound(call: Call, app: App) -> None:
 
 
 async def _run(call: Call, app: App, rec: CallRecord) -> None:
-    route = await app.directory.route(rec.dialled_number)
-    caller = await app.directory.caller(rec.caller_e164)
+    route, caller = await app.directory.lookup(rec.dialled_number, rec.caller_e164)
     call.language = caller.language or route.language
     rec.step("number", number=route.number, menu=route.menu is not None, group=route.group_name,
              category=route.category, customer=caller.customer_id)
