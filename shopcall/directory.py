@@ -169,7 +169,7 @@ class Directory:
         async with self.pool.connection() as conn:
             cur = await conn.execute(sql, params)
             rows = await cur.fetchall()
-            if rows and len(rows[0]) != len(cur.description or ()):
+            if rows and cur.pgresult is not None and len(rows[0]) != cur.pgresult.nfields:
                 # dict rows keep one of two equal column names: a migration gave numbers a name used here
                 names = [c.name for c in cur.description or ()]
                 dup = sorted({n for n in names if names.count(n) > 1})

@@ -215,3 +215,12 @@ async def test_lookups_of_a_burst_match_lookups_one_by_one(app):
     assert alone[2][1].customer_id is None and alone[4][1].customer_id is None
     unknown = alone[3][0]  # no row and no catch-all row in this directory: the defaults
     assert (unknown.number, unknown.greeting, unknown.menu is not None) == ("no-such-number", "greeting", True)
+
+
+async def test_a_column_name_taken_twice_in_the_lookup_is_an_error_not_a_silent_overwrite(app, monkeypatch):
+    from shopcall import directory
+
+    clash = directory._LOOKUP_ONE.replace("n.number AS route_row", "n.number AS route_row, n.title AS caller_id")
+    monkeypatch.setattr(directory, "_LOOKUP_ONE", clash)
+    with pytest.raises(RuntimeError, match="caller_id"):
+        await app.directory.lookup("400", "+79160000001")
