@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from agi.protocol import command, quote
@@ -34,17 +34,35 @@ _DIALSTATUS = {
 _DIAL_OUTCOME = quote("${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}")
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.+:@-]*\Z")
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_./+-]+\Z")  # nothing Playback splits on (&, ",") or quoting changes
 # Q.850 causes for the few ways a flow ends a call
 _CAUSES = {"normal": 16, "busy": 17, "noanswer": 19, "rejected": 21, "congestion": 34}
 
 
+_SOUND_FORMATS = ((".wav", 16000), (".ulaw", 8000), (".alaw", 8000), (".sln", 16000), (".gsm", 1650))
+_SOUND_SECONDS_TTL = 5.0  # a prompt re-recorded meanwhile is measured again this soon
+_sound_seconds: dict[Path, tuple[float, float]] = {}  # base -> (measured at, seconds)
+
+
 def sound_seconds(base: Path) -> float:
-    """How long a sound plays, from its size; used only to size the command timeout."""
-    for ext, bytes_per_s in ((".wav", 16000), (".ulaw", 8000), (".alaw", 8000), (".sln", 16000), (".gsm", 1650)):
-        f = base.with_name(base.name + ext)
-        if f.exists():
-            return max(0.0, (f.stat().st_size - 44) / bytes_per_s)
-    return 30.0
+    """How long a sound plays, from its size; used only to size the command timeout (which adds its own
+    margin), so a length measured a few seconds ago will do: two stat calls a prompt were 3 % of a call."""
+    now = time.monotonic()
+    hit = _sound_seconds.get(base)
+    if hit is not None and now - hit[0] < _SOUND_SECONDS_TTL:
+        return hit[1]
+    seconds = 30.0
+    for ext, bytes_per_s in _SOUND_FORMATS:
+        try:
+            size = base.with_name(base.name + ext).stat().st_size
+        except OSError:
+            continue
+        seconds = max(0.0, (size - 44) / bytes_per_s)
+        break
+    if len(_sound_seconds) >= 4096:  # one-off files (a said order number) do not pile up
+        _sound_seconds.clear()
+    _sound_seconds[base] = (now, seconds)
+    return seconds
 
 
 class AgiCall(Call):
@@ -66,14 +84,40 @@ class AgiCall(Call):
         self.pbx_path = pbx_path  # our path of a file → the path Asterisk sees (chroot, other host)
         self.max_call_seconds = max_call_seconds
         self.dial_options = "g"  # g: when the agent hangs up, come back to us (log the call, the survey)
+        self._answered = False
+        self._answer_due = False  # answer() was called and nothing has answered the channel yet
 
     async def _send(self, *parts: str, timeout: float | None = None):
         if self.session.hung_up:
             raise CallEnded("caller hung up")
+        if self._answer_due:
+            await self._answer_now()
         return await self.session.send(command(*parts), timeout=timeout)
 
+    async def _answer_now(self) -> None:
+        self._answer_due = False
+        await self.session.send(b"ANSWER\n")
+
     async def answer(self) -> None:
-        await self._send("ANSWER")
+        # Sent with the next command, or not at all when that is a Playback, which answers the channel
+        # itself: the greeting of most calls then costs one round trip instead of two.
+        if not self._answered:
+            self._answered = self._answer_due = True
+
+    async def play_files(self, sounds: Sequence[Path]) -> None:
+        """One Playback for the whole list (files joined by "&"), unless a path holds a character Playback
+        would read as a separator or an option; Playback answers the channel if the call has not been."""
+        paths = [self.pbx_path(sound) for sound in sounds]
+        if not paths or not all(_PLAIN_PATH.match(p) for p in paths):
+            await super().play_files(sounds)
+            return
+        if self.session.hung_up:
+            raise CallEnded("caller hung up")
+        self._answer_due = False
+        await self.session.send(
+            command("EXEC", "Playback", quote("&".join(paths))),
+            timeout=sum(sound_seconds(s) for s in sounds) + self.session.command_timeout,
+        )
 
     async def stream(self, sound: Path, *, escape: str = "") -> str | None:
         reply = await self._send(
@@ -193,10 +237,13 @@ class AgiCall(Call):
         await super().set_vars(values)
 
     async def get_var(self, name: str) -> str | None:
+        if self._answer_due:
+            await self._answer_now()
         reply = await self.session.send(command("GET VARIABLE", check_var_name(name)))
         return reply.data if reply.result == "1" else None
 
     async def hangup(self, cause: str = "normal") -> None:
+        self._answer_due = False  # a call hung up before anything was played is not answered first
         if self.session.hung_up:
             return
         await self._send("EXEC", "Hangup", str(_CAUSES.get(cause, 16)))

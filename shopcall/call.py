@@ -200,12 +200,19 @@ class Call(abc.ABC):
 
     # -- the vocabulary flows use, built from the primitives ---------------------------------------
 
+    async def play_files(self, sounds: Sequence[Path]) -> None:
+        """Play sound files in order, no key stops them; an adapter may send them as one command."""
+        for sound in sounds:
+            await self.stream(sound)
+
     async def play(self, *prompts: str | Path, interruptible: bool = False) -> str | None:
         """Play prompt ids (str) or files (Path) in order; with `interruptible`, a key stops and is returned."""
-        escape = "0123456789*#" if interruptible else ""
-        for prompt in prompts:
-            sound = prompt if isinstance(prompt, Path) else await self.sounds.path(prompt, self.language)
-            key = await self.stream(sound, escape=escape)
+        sounds = [p if isinstance(p, Path) else await self.sounds.path(p, self.language) for p in prompts]
+        if not interruptible:
+            await self.play_files(sounds)
+            return None
+        for sound in sounds:
+            key = await self.stream(sound, escape="0123456789*#")
             if key:
                 return key
         return None

@@ -32,3 +32,42 @@ async def test_a_single_variable_is_a_set_variable():
     call, session = make_call()
     await call.set_vars({"SHOPCALL_DONE": "0"})
     assert session.sent == ['SET VARIABLE SHOPCALL_DONE "0"']
+
+
+async def test_answer_then_prompts_nobody_can_interrupt_is_one_playback_that_answers():
+    call, session = make_call()
+    await call.answer()
+    await call.play("greeting", "recording_notice")
+    assert session.sent == ['EXEC Playback "/sounds/ru/greeting&/sounds/ru/recording_notice"']
+    await call.answer()  # already answered by Playback: nothing more is sent
+    await call.play("connecting")
+    assert session.sent[1:] == ['EXEC Playback "/sounds/ru/connecting"']
+
+
+async def test_an_answer_is_sent_before_any_other_command():
+    for act, first in ((lambda c: c.play("main_menu", interruptible=True), "STREAM FILE"),
+                       (lambda c: c.set_var("X", "1"), "SET VARIABLE"),
+                       (lambda c: c.get_var("DIALSTATUS"), "GET VARIABLE"),
+                       (lambda c: c.collect(None, max_digits=1, timeout=1), "WAIT FOR DIGIT")):
+        call, session = make_call()
+        await call.answer()
+        await act(call)
+        assert session.sent[0] == "ANSWER" and session.sent[1].startswith(first), session.sent
+
+
+async def test_a_call_hung_up_before_any_prompt_is_not_answered_first():
+    call, session = make_call()
+    await call.answer()
+    await call.hangup("busy")
+    assert session.sent == ["EXEC Hangup 17"]
+
+
+async def test_a_path_playback_would_split_or_read_as_options_is_streamed_file_by_file():
+    from pathlib import Path
+
+    for odd in ("/tts/ru/1&2", "/tts/ru/a,b", "/tts/ru/say (hi)", '/tts/ru/"q"'):
+        call, session = make_call()
+        await call.answer()
+        await call.play(Path("/sounds/ru/greeting"), Path(odd))
+        assert session.sent[0] == "ANSWER", session.sent
+        assert [line.split(" ", 2)[:2] for line in session.sent[1:]] == [["STREAM", "FILE"]] * 2

@@ -154,6 +154,13 @@ class AgiPeer:
                 key, self.greeting_key = self.greeting_key, None
                 return f"200 result={ord(key)} endpos=1000\n"
             return "200 result=0 endpos=16000\n"
+        if verb == ["EXEC", "Playback"]:  # the files joined by "&", as Asterisk's Playback splits them
+            if hang_up == "stream":
+                self.streams.append(args[2].split("&")[0])
+                self.dead = True
+                return "HANGUP\n200 result=-1\n"
+            self.streams.extend(args[2].split("&"))
+            return "200 result=0\n"
         if line.startswith("GET DATA"):
             self.streams.append(args[2])
             self.collects += 1
