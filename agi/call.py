@@ -87,16 +87,19 @@ class AgiCall(Call):
         self._answered = False
         self._answer_due = False  # answer() was called and nothing has answered the channel yet
 
-    async def _send(self, *parts: str, timeout: float | None = None):
+    async def _send(self, *parts: str, timeout: float | None = None, answers: bool = False):
+        """One command on a live channel; a due answer goes first, unless the command (`answers`) answers
+        the channel itself."""
         if self.session.hung_up:
             raise CallEnded("caller hung up")
-        if self._answer_due:
-            await self._answer_now()
+        await self._answer_if_due(skip=answers)
         return await self.session.send(command(*parts), timeout=timeout)
 
-    async def _answer_now(self) -> None:
-        self._answer_due = False
-        await self.session.send(b"ANSWER\n")
+    async def _answer_if_due(self, *, skip: bool = False) -> None:
+        if self._answer_due:
+            self._answer_due = False
+            if not skip:
+                await self.session.send(b"ANSWER\n")
 
     async def answer(self) -> None:
         # Sent with the next command, or not at all when that is a Playback, which answers the channel
@@ -111,13 +114,8 @@ class AgiCall(Call):
         if not paths or not all(_PLAIN_PATH.match(p) for p in paths):
             await super().play_files(sounds)
             return
-        if self.session.hung_up:
-            raise CallEnded("caller hung up")
-        self._answer_due = False
-        await self.session.send(
-            command("EXEC", "Playback", quote("&".join(paths))),
-            timeout=sum(sound_seconds(s) for s in sounds) + self.session.command_timeout,
-        )
+        await self._send("EXEC", "Playback", quote("&".join(paths)), answers=True,
+                         timeout=sum(sound_seconds(s) for s in sounds) + self.session.command_timeout)
 
     async def stream(self, sound: Path, *, escape: str = "") -> str | None:
         reply = await self._send(
@@ -237,8 +235,7 @@ class AgiCall(Call):
         await super().set_vars(values)
 
     async def get_var(self, name: str) -> str | None:
-        if self._answer_due:
-            await self._answer_now()
+        await self._answer_if_due()  # not _send: GET VARIABLE also works on a dead channel
         reply = await self.session.send(command("GET VARIABLE", check_var_name(name)))
         return reply.data if reply.result == "1" else None
 

@@ -63,10 +63,6 @@ class Run:
         n = max(self.ok, 1)
         return " ".join(f"{k} {1000 * v / n:.1f}" for k, v in self.cpu.items() if v > 0.005) + " ms/call"
 
-    @property
-    def cps(self) -> float:
-        return self.ok / self.wall
-
     def sustained(self, length: float, n: int) -> float:
         """Calls started per second the PBX kept up with: SHARE of the calls over the time they took to
         complete, less one call's own length. Read at SHARE rather than at the last call: past saturation a

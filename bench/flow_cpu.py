@@ -80,10 +80,11 @@ def run_generator(port: int, calls: int, rate: float, out: multiprocessing.Queue
     out.put(asyncio.run(generate(port, calls, rate)))
 
 
-def statements(url: str) -> int:
+def transactions(url: str) -> int:
+    """Transactions committed so far (this query's own is counted by the next reading)."""
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute("SELECT sum(xact_commit)::bigint FROM pg_stat_database").fetchone()
-    return int(row[0] or 0) + 1  # this query's own transaction
+    return int(row[0] or 0)
 
 
 def main() -> int:
@@ -97,16 +98,18 @@ def main() -> int:
         ctx = multiprocessing.get_context("spawn")
         warm = ctx.Queue()
         p = ctx.Process(target=run_generator, args=(svc.app.port, 200, args.rate, warm))
-        p.start(); warm.get(); p.join()  # noqa: E702 (warm-up: prompts, pool, prepared statements)
+        p.start()  # a warm-up: prompts, pool connections, prepared statements
+        warm.get()
+        p.join()
         per_call: dict[str, list[float]] = {"shopcall": [], "postgres": []}
         for rnd in range(1, args.rounds + 1):
             out = ctx.Queue()
             gen = ctx.Process(target=run_generator, args=(svc.app.port, args.calls, args.rate, out))
-            before, s0 = procstat.snapshot(), statements(svc.url)
+            before, s0 = procstat.snapshot(), transactions(svc.url)
             gen.start()
             done, commands, wall = out.get()
             gen.join()
-            after, s1 = procstat.snapshot(), statements(svc.url)
+            after, s1 = procstat.snapshot(), transactions(svc.url)
             cpu = procstat.used(before, after)
             for k in per_call:
                 per_call[k].append(1000 * cpu[k] / max(done, 1))

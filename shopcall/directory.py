@@ -92,7 +92,6 @@ class Order:
     delivery_date: object
 
 
-
 # A call's route and caller, one row per (dialled number, caller's E.164) key: the number's own row else the
 # catch-all row (route_row NULL: neither), and under caller_* what we know of the caller.
 _LOOKUP = """
@@ -135,6 +134,7 @@ SELECT k.k_dialled, k.k_phone, r.*, cl.*
 _LOOKUP_ONE = _LOOKUP.format(keys="(SELECT %s::text AS k_dialled, %s::text AS k_phone) AS k")
 _LOOKUP_MANY = _LOOKUP.format(keys="unnest(%s::text[], %s::text[]) AS k(k_dialled, k_phone)")
 
+
 class Directory:
     def __init__(self, pool: AsyncConnectionPool, *, timezone: str, default_menu: Menu) -> None:
         self.pool = pool
@@ -144,8 +144,7 @@ class Directory:
         # parsed schedules by their columns: parsing the weekly JSON and checking the holiday country was a
         # tenth of a routing request's CPU, and a shop has a handful of schedules that rarely change
         self._schedules: dict[tuple, Schedule] = {}
-        # a burst of calls: one query
-        self._lookups: Batcher[tuple[str, str | None], dict] = Batcher(self._lookup_rows)
+        self._lookups: Batcher[tuple[str, str | None], dict] = Batcher(self._lookup_rows)  # a burst of calls: one query
 
     def _schedule(self, row: Mapping) -> Schedule:
         if not row["schedule_row"]:
