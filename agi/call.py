@@ -19,6 +19,7 @@ from shopcall.call import (
     DialStrategy,
     RecordResult,
     SoundSource,
+    check_endpoint,
     check_number,
     check_var_name,
 )
@@ -37,6 +38,17 @@ _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.+:@-]*\Z")
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9_./+-]+\Z")  # nothing Playback splits on (&, ",") or quoting changes
 # Q.850 causes for the few ways a flow ends a call
 _CAUSES = {"normal": 16, "busy": 17, "noanswer": 19, "rejected": 21, "congestion": 34}
+
+
+def _is_endpoint(name: str) -> bool:
+    try:
+        return bool(check_endpoint(name))
+    except ValueError:
+        return False
+
+
+def _seconds(text: str) -> float:
+    return float(text) if text and text.replace(".", "", 1).isdigit() else 0.0
 
 
 _SOUND_FORMATS = ((".wav", 16000), (".ulaw", 8000), (".alaw", 8000), (".sln", 16000), (".gsm", 1650))
@@ -175,11 +187,21 @@ class AgiCall(Call):
         for n in names:
             if peer.startswith(self.endpoint_template.format(endpoint=n) + "-"):
                 answered = n
-        talk = float(answered_time) if answered_time and answered_time.replace(".", "", 1).isdigit() else 0.0
         log.info(
             "%s: Dial %s -> %s %s (%.1f s)", self.info.uniqueid, target, status, peer, time.monotonic() - started
         )
-        return DialResult(_DIALSTATUS.get(status, DialStatus.FAILED), answered, talk, status)
+        return DialResult(_DIALSTATUS.get(status, DialStatus.FAILED), answered, _seconds(answered_time), status)
+
+    async def last_dial(self) -> DialResult:
+        """The dialplan's own Dial (the rendered fallback): the peer's channel name, less the endpoint
+        template's prefix and the channel's sequence suffix, is the endpoint; a name that is not one (the
+        template does not match, odd characters) is left out rather than guessed."""
+        status, peer, answered_time = await self._dial_outcome()
+        prefix = self.endpoint_template.partition("{endpoint}")[0]
+        name, sep, _ = peer.removeprefix(prefix).rpartition("-")
+        answered = name if status == "ANSWER" and sep and peer.startswith(prefix) and _is_endpoint(name) else None
+        result = DialStatus.FAILED if not status else _DIALSTATUS.get(status, DialStatus.FAILED)
+        return DialResult(result, answered, _seconds(answered_time) if status == "ANSWER" else 0.0, status)
 
     async def _dial_outcome(self) -> tuple[str, str, str]:
         """DIALSTATUS, DIALEDPEERNAME and ANSWEREDTIME in one round trip instead of three. Neither the status

@@ -171,6 +171,12 @@ class Call(abc.ABC):
         how the trunk is reached (the dial string) is the adapter's business, not the flow's."""
         raise NotImplementedError(f"{type(self).__name__} cannot dial outside numbers")
 
+    async def last_dial(self) -> DialResult:
+        """How the PBX's own last dial on this channel ended (the dialplan's fallback ring, which no flow
+        placed), read after the fact; `answered_endpoint` is then the endpoint's name as far as the PBX's
+        channel name tells it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read the dialplan's own dials")
+
     @abc.abstractmethod
     async def record(
         self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5, beep: bool = True

@@ -1,7 +1,9 @@
 """One row per call in `calls`, plus the callback request a missed call leaves.
 
 A row is written once, when the flow ends, as an upsert on the PBX's uniqueid, so a retry never makes a
-second row. If PostgreSQL is unreachable the row goes to a local spool file and is replayed later.
+second row; a later report on the same call (the dialplan's fallback, flows/fallback.py) completes it
+without blanking what the first one knew (menu choice, group, language).
+If PostgreSQL is unreachable the row goes to a local spool file and is replayed later.
 """
 
 from __future__ import annotations
@@ -83,14 +85,24 @@ VALUES (%(uniqueid)s, %(pbx)s, %(direction)s, %(caller_number)s, %(caller_e164)s
         %(answered_endpoint)s, %(outcome)s, %(missed)s, %(recording_path)s, %(route_log)s, %(robot_choice)s,
         %(language)s)
 ON CONFLICT (uniqueid) DO UPDATE SET
-    group_id = EXCLUDED.group_id, menu_choice = EXCLUDED.menu_choice, answered_at = EXCLUDED.answered_at,
-    ended_at = EXCLUDED.ended_at, answered_by = EXCLUDED.answered_by,
-    answered_endpoint = EXCLUDED.answered_endpoint, outcome = EXCLUDED.outcome, missed = EXCLUDED.missed,
-    recording_path = COALESCE(EXCLUDED.recording_path, calls.recording_path),
-    route_log = calls.route_log || EXCLUDED.route_log, robot_choice = EXCLUDED.robot_choice,
-    language = EXCLUDED.language
+    {merge}
 RETURNING id, customer_id, group_id, answered_by
 """
+# A second report on one call (a retry, the dialplan's fallback) merges into the row. The report that
+# ended later says how the call ended, whichever of them reaches the database first (a spooled row is
+# replayed late); what only the other one knew (a menu choice, the group, the language) is kept, and the
+# route log holds both reports' steps in the order they happened.
+_LATER = "calls.ended_at > EXCLUDED.ended_at"  # the stored row is the later report
+_NEWER_WINS = ("answered_at", "ended_at", "answered_by", "answered_endpoint", "outcome", "missed")
+_KEPT = ("group_id", "menu_choice", "recording_path", "robot_choice", "language")
+_MERGE = ",\n    ".join(
+    [f"{c} = CASE WHEN {_LATER} THEN calls.{c} ELSE EXCLUDED.{c} END" for c in _NEWER_WINS]
+    + [f"{c} = CASE WHEN {_LATER} THEN COALESCE(calls.{c}, EXCLUDED.{c}) ELSE COALESCE(EXCLUDED.{c}, calls.{c}) END"
+       for c in _KEPT]
+    + [f"route_log = CASE WHEN {_LATER} THEN EXCLUDED.route_log || calls.route_log "
+       "ELSE calls.route_log || EXCLUDED.route_log END"]
+)
+_UPSERT = _UPSERT.replace("{merge}", _MERGE)
 # One statement, so atomic without BEGIN/COMMIT round trips: the row, and who answered it becomes the
 # employee's last call and the customer's manager (sticky routing).
 _SAVE = f"""

@@ -104,6 +104,11 @@ class ScriptedCall(Call):
     async def get_var(self, name: str) -> str | None:
         return self.vars.get(name)
 
+    async def last_dial(self) -> DialResult:
+        """The dialplan's own dial: the next scripted dial result (a dead channel: no verb is refused)."""
+        self.actions.append(("last_dial",))
+        return self.dial_results.pop(0) if self.dial_results else DialResult(DialStatus.FAILED)
+
     async def hangup(self, cause: str = "normal") -> None:
         self._do("hangup", cause)
         self.ended = True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agi.call import AgiCall
-from shopcall.call import CallInfo
+from shopcall.call import CallInfo, DialStatus
 from tests.scripted import PromptNames
 from tests.test_callbacks import FakeSession
 
@@ -71,3 +71,24 @@ async def test_a_path_playback_would_split_or_read_as_options_is_streamed_file_b
         await call.play(Path("/sounds/ru/greeting"), Path(odd))
         assert session.sent[0] == "ANSWER", session.sent
         assert [line.split(" ", 2)[:2] for line in session.sent[1:]] == [["STREAM", "FILE"]] * 2
+
+
+async def test_last_dial_reads_the_dialplans_own_dial_in_one_command():
+    cases = [  # DIALSTATUS, DIALEDPEERNAME, ANSWEREDTIME -> status, endpoint, talk seconds
+        (("ANSWER", "PJSIP/agent1-0000000a", "12"), (DialStatus.ANSWERED, "agent1", 12.0)),
+        (("ANSWER", "PJSIP/agent-two-0000000b", "3.5"), (DialStatus.ANSWERED, "agent-two", 3.5)),
+        (("NOANSWER", "", ""), (DialStatus.NOANSWER, None, 0.0)),
+        (("CANCEL", "", ""), (DialStatus.CALLER_GONE, None, 0.0)),
+        (("CHANUNAVAIL", "", ""), (DialStatus.FAILED, None, 0.0)),
+        (("", "", ""), (DialStatus.FAILED, None, 0.0)),  # no Dial ran
+        # not our template, or not a name our dial strings allow: no endpoint is guessed
+        (("ANSWER", "SIP/agent1-0000000c", "4"), (DialStatus.ANSWERED, None, 4.0)),
+        (("ANSWER", "PJSIP/a;b-0000000d", "4"), (DialStatus.ANSWERED, None, 4.0)),
+    ]
+    for (status, peer, answered), expected in cases:
+        call, session = make_call()
+        session.vars.update(DIALSTATUS=status, DIALEDPEERNAME=peer, ANSWEREDTIME=answered)
+        result = await call.last_dial()
+        assert (result.status, result.answered_endpoint, result.talk_seconds) == expected, (status, peer)
+        assert result.detail == status
+        assert session.sent == ['GET FULL VARIABLE "${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}"']

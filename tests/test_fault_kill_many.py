@@ -1,5 +1,6 @@
 """Fault drill (issue 6): the FastAGI server is killed in the middle of 20 live calls. Every call still
-reaches the default group through the dialplan fallback; when the server comes back, new calls use it.
+reaches the default group through the dialplan fallback; when the server comes back, new calls use it,
+and the fallback calls are reported to it when they hang up (each has its row).
 
 Real SIP calls from SIPp into Debian's Asterisk 22 (its own instance, free ports), the rendered dialplan
 include, `shopcall serve --only agi` as a process that gets SIGKILL, PostgreSQL.
@@ -23,6 +24,7 @@ from tests.pbx.sipp import SippAgent, free_sip_port, place_call
 pytestmark = pytest.mark.slow
 
 CALLS = 20
+TALK = 8.0  # seconds an agent talks on each fallback call
 # the rendered fallback's Verbose, as Asterisk logs executing it (once per channel that falls back)
 FALLBACK = re.compile(r'Executing \[[^]]*@shopcall-inbound(?:-run)?:\d+\] Verbose\("(PJSIP/[^"]+)", "1,shopcall: flow')
 
@@ -44,6 +46,20 @@ exten => _X.,1,Goto(shopcall-inbound,${{EXTEN}},1)
                       agents={"agent1": free_sip_port()}, dialplan=dialplan, rtp_ports=(22000, 23999))
     with running(app, pbx):
         yield {"pbx": pbx, "app": app, "url": pg_url, "work": work, "sip": f"127.0.0.1:{pbx.sip_port}"}
+
+
+async def fallback_rows(url: str, callers: str, want: int, timeout: float = 30) -> list[dict]:
+    """The calls rows of callers LIKE `callers` once `want` of them are there (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        while True:
+            rows = conn.execute("SELECT c.*, e.endpoint AS agent, g.name AS group_name FROM calls c "
+                                "LEFT JOIN employees e ON e.id = c.answered_by "
+                                "LEFT JOIN groups g ON g.id = c.group_id "
+                                "WHERE c.caller_number LIKE %s", (callers,)).fetchall()
+            if len(rows) >= want or time.monotonic() > deadline:
+                return rows
+            await asyncio.sleep(0.2)
 
 
 def channels_in_agi(pbx: AsteriskPbx) -> int:
@@ -71,7 +87,8 @@ def explain(stack: dict, *agents: SippAgent) -> str:
 async def test_server_killed_mid_20_calls_all_reach_the_fallback_then_it_serves_again(kill_stack):
     pbx, app, work, sip = kill_stack["pbx"], kill_stack["app"], kill_stack["work"], kill_stack["sip"]
     log_start = pbx.full_log.stat().st_size
-    agent = SippAgent("agent1", pbx.agents["agent1"], work_dir=work, answer_after=0.5, hangup_after=1.0)
+    # the agent talks long enough for the server to be back before the fallback calls end
+    agent = SippAgent("agent1", pbx.agents["agent1"], work_dir=work, answer_after=0.5, hangup_after=TALK)
     await agent.start()
     try:
         # number 100: greeting + notice (~7.5 s), then the menu twice with no key (~16 s) before the flow
@@ -89,10 +106,10 @@ async def test_server_killed_mid_20_calls_all_reach_the_fallback_then_it_serves_
         assert in_agi == CALLS, f"only {in_agi} of {CALLS} calls reached the AGI\n" + explain(kill_stack, agent)
         assert agent.invites_received() == 0, "a call left the menu before the kill\n" + explain(kill_stack)
         app.kill()  # SIGKILL: no goodbye on any of the 20 FastAGI sockets
-        try:
-            results = await asyncio.gather(*calls)
-        finally:
-            app.start()
+        killed = time.monotonic()
+        await asyncio.to_thread(app.start)  # back while the fallback calls still talk
+        back_after = time.monotonic() - killed
+        results = await asyncio.gather(*calls)
         # each call went on in the dialplan: SHOPCALL_DONE unset, the fallback Dial rang sales (agent1)
         failed = [(i, r.returncode, r.answered, r.hung_up_by) for i, r in enumerate(results)
                   if not (r.answered and r.hung_up_by == "pbx")]
@@ -102,6 +119,17 @@ async def test_server_killed_mid_20_calls_all_reach_the_fallback_then_it_serves_
         assert len(fell_back(pbx, log_start)) == CALLS, explain(kill_stack)
     finally:
         await agent.stop()
+
+    # each fallback call was reported at its hangup (the rendered hangup handler) and has its row: who
+    # answered, the fallback group, and why the flow stopped
+    assert back_after < TALK, f"shopcall took {back_after:.1f} s to come back: the calls ended before it"
+    rows = await fallback_rows(kill_stack["url"], "7495200____", CALLS)
+    assert len(rows) == CALLS and len({r["uniqueid"] for r in rows}) == CALLS, explain(kill_stack)
+    for r in rows:
+        assert (r["outcome"], r["missed"], r["agent"], r["group_name"]) == ("answered", False, "agent1", "sales"), r
+        step = r["route_log"][-1]
+        assert step["step"] == "fallback" and step["dial"] == "ANSWER" and step["agistatus"], step
+        assert TALK - 2 <= (r["ended_at"] - r["answered_at"]).total_seconds() <= TALK + 2, r
 
     # the server is back: a new call is the flow's again (key 1: sales), with its row
     log_start = pbx.full_log.stat().st_size

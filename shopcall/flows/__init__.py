@@ -26,6 +26,6 @@ def flow(name: str) -> Callable[[Flow], Flow]:
 
 def load_all() -> dict[str, Flow]:
     """Import every flow module so its @flow decorators run."""
-    from shopcall.flows import agent, callback, inbound, outbound, robot  # noqa: F401
+    from shopcall.flows import agent, callback, fallback, inbound, outbound, robot  # noqa: F401
 
     return FLOWS
