@@ -369,6 +369,7 @@ class WebhooksConfig:
     timeout: float = _number(10.0, float)
     poll_seconds: float = _number(2.0, float)
     max_backoff_seconds: int = _number(3600, int, lo=1)
+    keep_sent_days: int = _number(30, int, lo=1)  # delivered rows are deleted after this long
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,7 @@ class MailConfig:
     sender: str = _setting("shopcall@localhost", str, "an e-mail address", _nonempty)
     timeout: float = _number(10.0, float)
     retry_seconds: int = _number(60, int, lo=1)  # a failed notice is tried again after this long
+    keep_sent_days: int = _number(30, int, lo=1)  # sent notices are deleted from the outbox after this long
 
 
 @dataclass(frozen=True)

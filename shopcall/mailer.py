@@ -30,6 +30,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from shopcall.config import Config, MailConfig
+from shopcall.outboxes import Pruner
 
 log = logging.getLogger("shopcall.mailer")
 
@@ -239,9 +240,11 @@ async def _mark_voicemail(conn, voicemail_id: int | None, status: str) -> None:
 async def run_forever(pool: AsyncConnectionPool, config: Config | MailConfig, interval: float = 5.0) -> None:
     """Deliver due mail every `interval` seconds until cancelled; a database outage is logged and waited out."""
     mail = config.mail if isinstance(config, Config) else config
+    pruner = Pruner(pool, "outbox", mail.keep_sent_days)
     while True:
         try:
             await deliver_due(pool, mail)
+            await pruner.maybe()
         except (psycopg.OperationalError, PoolTimeout) as exc:
             log.error("outbox: database unavailable (%s); trying again in %g s", exc, interval)
         except Exception:

@@ -27,6 +27,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from shopcall.config import Config, WebhooksConfig
+from shopcall.outboxes import Pruner
 
 log = logging.getLogger("shopcall.webhooks")
 
@@ -179,11 +180,13 @@ async def run_forever(pool: AsyncConnectionPool, config: Config | WebhooksConfig
     """Post due webhooks every poll_seconds until cancelled; outages are logged and waited out."""
     hooks = config.webhooks if isinstance(config, Config) else config
     limit = 50
+    pruner = Pruner(pool, "webhook_outbox", hooks.keep_sent_days)
     async with aiohttp.ClientSession() as session:
         while True:
             delivered = 0
             try:
                 delivered = await send_due(pool, hooks, session=session, limit=limit)
+                await pruner.maybe()
             except (psycopg.OperationalError, PoolTimeout) as exc:
                 log.error("webhooks: database unavailable (%s); trying again in %g s", exc, hooks.poll_seconds)
             except Exception:
