@@ -158,8 +158,9 @@ async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], second
                 await asyncio.sleep(0.5)
             last_id = top
             out.append((rate, n, plain, ours, rows, length))
-            # a call's own length (prompts, ringing, talk): what the first, unsaturated run took beyond the offer
-            length = length if out[1:] else max(0.0, plain.t_share - SHARE * n / rate)
+            # a call's own length (prompts, ringing, talk): what the first run took beyond the offer, read
+            # from the side that kept up (one side of the first run may already be past the cliff)
+            length = length if out[1:] else max(0.0, min(plain.t_share, ours.t_share) - SHARE * n / rate)
             out[-1] = (*out[-1][:5], length)
             ps, os_ = plain.sustained(length, n), ours.sustained(length, n)
             print(f"{rate:4d}/s {n:5d} calls | plain {plain.ok:5d} ok {plain.failed:4d} failed, 99 % in "
@@ -169,6 +170,9 @@ async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], second
                   flush=True)
             print(f"        CPU per call: plain {plain.cpu_per_call()} | shopcall {ours.cpu_per_call()}", flush=True)
             if saturated(plain, n, rate):
+                if not out[1:]:
+                    print(f"the first rate, {rate}/s, is already past saturation: no call length to read and "
+                          "nothing to compare; start the sweep lower")
                 break  # Asterisk itself saturates here
     finally:
         await agent.stop()
@@ -237,7 +241,10 @@ exten => plain{NUMBER},1,Answer()
           f"({'reached' if saturated(plain, n, rate) else 'not reached, highest rate tried'}: {rate}/s)")
     all_rows = all(r[4] == r[3].ok for r in results)  # every call we completed has its row
     ok = ratio >= TARGET_RATIO and all_rows
-    verdict = ("PASS" if ok else "MISS") if saturated(plain, n, rate) else "INCONCLUSIVE (raise --rates)"
+    if len(results) == 1 and saturated(plain, n, rate):
+        verdict = "INCONCLUSIVE (lower the first of --rates)"
+    else:
+        verdict = ("PASS" if ok else "MISS") if saturated(plain, n, rate) else "INCONCLUSIVE (raise --rates)"
     print(f"{verdict}: capacity ratio {ratio:.2f}, {sum(r[3].failed for r in results)} of our calls failed, "
           f"rows {'= calls' if all_rows else '!= calls'} at every rate (work dir {work})")
     return 0 if ok else 1
