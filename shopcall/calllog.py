@@ -15,11 +15,16 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from shopcall.phone import to_e164
+
+if TYPE_CHECKING:
+    from shopcall.call import CallInfo
 
 log = logging.getLogger("shopcall.calllog")
 
@@ -51,6 +56,13 @@ class CallRecord:
     callback_reason: str | None = None  # set → a callback request is created with the row
     survey_answer: int | None = None
     route_log: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of_caller(cls, info: CallInfo, country: str, **values: Any) -> CallRecord:
+        """The row of an inbound call, from what the PBX said about its caller."""
+        return cls(uniqueid=info.uniqueid, pbx=info.pbx, caller_number=info.caller_number,
+                   caller_name=info.caller_name, dialled_number=info.dialled_number,
+                   caller_e164=to_e164(info.caller_number, country), **values)
 
     def step(self, what: str, **details: Any) -> None:
         """Note a routing step; the list is stored with the row to answer "why did it go there"."""

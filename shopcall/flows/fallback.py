@@ -22,7 +22,6 @@ from shopcall.call import Call, DialStatus
 from shopcall.calllog import CallRecord, now
 from shopcall.dialplan import fallback_group
 from shopcall.flows import flow
-from shopcall.phone import to_e164
 
 log = logging.getLogger("shopcall.fallback")
 
@@ -48,16 +47,8 @@ def started_at(uniqueid: str, fallback: datetime) -> datetime:
 async def fallback(call: Call, app: App) -> None:
     info = call.info
     ended = now()
-    rec = CallRecord(
-        uniqueid=info.uniqueid,
-        pbx=info.pbx,
-        caller_number=info.caller_number,
-        caller_name=info.caller_name,
-        dialled_number=info.dialled_number,
-        caller_e164=to_e164(info.caller_number, app.config.shop.country),
-        started_at=started_at(info.uniqueid, ended),
-        ended_at=ended,
-    )
+    rec = CallRecord.of_caller(info, app.config.shop.country, started_at=started_at(info.uniqueid, ended),
+                               ended_at=ended)
     flow_dial, why = _word(info.args, "flow_dial"), _word(info.args, "agistatus")
     result = await call.last_dial()
     answered_before = flow_dial == "ANSWER"  # the flow's own ring was answered; the fallback rang nobody

@@ -20,7 +20,6 @@ from shopcall.calllog import CallRecord, now
 from shopcall.dialplan import fallback_group
 from shopcall.flows import flow
 from shopcall.flows.robot import overflow_robot
-from shopcall.phone import to_e164
 from shopcall.voicemail import store_voicemail
 
 log = logging.getLogger("shopcall.inbound")
@@ -31,14 +30,7 @@ CLOSED_PROMPT = {"holiday": "holiday_closed", "closed_date": "holiday_closed"}
 @flow("inbound")
 async def inbound(call: Call, app: App) -> None:
     info = call.info
-    rec = CallRecord(
-        uniqueid=info.uniqueid,
-        pbx=info.pbx,
-        caller_number=info.caller_number,
-        caller_name=info.caller_name,
-        dialled_number=info.dialled_number,
-        caller_e164=to_e164(info.caller_number, app.config.shop.country),
-    )
+    rec = CallRecord.of_caller(info, app.config.shop.country)
     try:
         await _run(call, app, rec)
     except CallEnded:

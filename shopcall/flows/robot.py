@@ -9,7 +9,6 @@ from shopcall.app import App
 from shopcall.call import Call
 from shopcall.calllog import CallRecord, now
 from shopcall.flows import flow
-from shopcall.phone import to_e164
 
 log = logging.getLogger("shopcall.robot")
 
@@ -71,9 +70,7 @@ async def say_orders(call: Call, app: App, rec: CallRecord) -> bool:
 async def robot(call: Call, app: App) -> None:
     """The robot on its own, for a dialplan that sends overflow here itself."""
     info = call.info
-    rec = CallRecord(uniqueid=info.uniqueid, pbx=info.pbx, caller_number=info.caller_number,
-                     caller_name=info.caller_name, dialled_number=info.dialled_number,
-                     caller_e164=to_e164(info.caller_number, app.config.shop.country), outcome="robot")
+    rec = CallRecord.of_caller(info, app.config.shop.country, outcome="robot")
     try:
         await call.answer()
         await overflow_robot(call, app, rec)
