@@ -281,6 +281,8 @@ class InboundConfig:
     menu_timeout: float = _number(5.0, float)
     menu_retries: int = _number(2, int, lo=0)
     ring_timeout: int = _number(20, int, lo=1)
+    # when closed, say when the number's schedule opens next (off: a recorded after_hours says it already)
+    say_next_opening: bool = _setting(True, bool, "true or false")
 
 
 @dataclass(frozen=True)

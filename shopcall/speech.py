@@ -1,11 +1,11 @@
 """Numbers, money, phone digits and dates as words for the TTS, in Russian or English.
 
-Grammar (Russian gender/case/plural forms) comes from num2words; only month names are tabled here.
+Grammar (Russian gender/case/plural forms) comes from num2words; only month and weekday names are tabled here.
 """
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 from num2words import num2words
@@ -94,3 +94,48 @@ def date_text(d: date, lang: str, with_year: bool = False, case: str = "n") -> s
     if with_year:
         text += f", {num2words(d.year, lang='en', to='year')}"
     return text
+
+
+_WEEKDAYS_RU_ON = ("в понедельник", "во вторник", "в среду", "в четверг", "в пятницу", "в субботу",
+                   "в воскресенье")
+_WEEKDAYS_EN = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+def _ru_plural(n: int, one: str, few: str, many: str) -> str:
+    if n % 10 == 1 and n % 100 != 11:
+        return one
+    return few if n % 10 in (2, 3, 4) and n % 100 not in (12, 13, 14) else many
+
+
+def opening_text(opens: datetime, now: datetime, lang: str) -> str:
+    """ "Мы откроемся завтра в девять часов." / "We open again on Monday at 9:30 a.m.": when a closed shop
+    opens next, both moments in the shop's own time zone (`opens`' zone)."""
+    _check_lang(lang)
+    local_now = now.astimezone(opens.tzinfo)
+    days = (opens.date() - local_now.date()).days
+    h, m = opens.hour, opens.minute
+    if lang == "ru":
+        if days == 0:
+            day = "сегодня"
+        elif days == 1:
+            day = "завтра"
+        elif days < 7:
+            day = _WEEKDAYS_RU_ON[opens.weekday()]
+        else:
+            day = date_text(opens.date(), "ru", case="g")
+        if m:
+            minutes = num2words(m, lang="ru") if m >= 10 else f"ноль {num2words(m, lang='ru')}"
+            at = f"в {num2words(h, lang='ru')} {minutes}"
+        else:
+            at = f"в {num2words(h, lang='ru')} {_ru_plural(h, 'час', 'часа', 'часов')}"
+        return f"Мы откроемся {day} {at}."
+    if days == 0:
+        day = "today"
+    elif days == 1:
+        day = "tomorrow"
+    elif days < 7:
+        day = f"on {_WEEKDAYS_EN[opens.weekday()]}"
+    else:
+        day = f"on {date_text(opens.date(), 'en')}"
+    clock = f"{h % 12 or 12}:{m:02d}" if m else f"{h % 12 or 12}"
+    return f"We open again {day} at {clock} {'a.m.' if h < 12 else 'p.m.'}"

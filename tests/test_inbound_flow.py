@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -194,3 +195,39 @@ async def test_english_number_plays_english_prompts(app, conn):
     call = ScriptedCall(info("300"), keys=["1"])
     await run(call, app)
     assert call.language == "en"
+
+
+async def test_closed_the_caller_hears_when_the_numbers_own_hours_open_next(app, conn):
+    # number 200's schedule: open Thursdays 10:30-19:00 Moscow time; it is Wednesday noon there
+    await conn.execute("""UPDATE schedules SET weekly = '{"thu": [["10:30", "19:00"]]}' WHERE name = 'never'""")
+    call = ScriptedCall(info("200"))
+    await run(call, app)
+    closed = call.played.index("after_hours")
+    assert call.played[closed:closed + 2] == ["after_hours", "Мы откроемся завтра в десять тридцать."]
+    step = next(s for s in (await call_row(conn))["route_log"] if s["step"] == "opens")
+    assert step["at"] == "2026-11-26T10:30+03:00"
+
+
+async def test_closed_for_weeks_or_told_not_to_nothing_is_said_about_opening(app, conn):
+    call = ScriptedCall(info("200"))  # "never": no opening within the 14 days looked at
+    await run(call, app)
+    assert "after_hours" in call.played and not any(p.startswith("Мы откроемся") for p in call.played)
+    await conn.execute("""UPDATE schedules SET weekly = '{"thu": [["10:30", "19:00"]]}' WHERE name = 'never'""")
+    app.config = dataclasses.replace(app.config, inbound=dataclasses.replace(app.config.inbound,
+                                                                             say_next_opening=False))
+    call = ScriptedCall(info("200", uid="1.2"))
+    await run(call, app)
+    assert "after_hours" in call.played and not any(p.startswith("Мы откроемся") for p in call.played)
+
+
+async def test_a_tts_failure_only_leaves_out_when_we_open(app, conn):
+    await conn.execute("""UPDATE schedules SET weekly = '{"thu": [["10:30", "19:00"]]}' WHERE name = 'never'""")
+    call = ScriptedCall(info("200"))
+
+    async def broken(text: str, lang: str):
+        raise RuntimeError("espeak-ng: not found")
+
+    call.sounds.say_text = broken  # type: ignore[method-assign]
+    await run(call, app)
+    assert "after_hours" in call.played
+    assert (await call_row(conn))["outcome"] == "after_hours"

@@ -13,7 +13,7 @@ import wave
 from datetime import timedelta
 from pathlib import Path
 
-from shopcall import hours, recording, routing
+from shopcall import hours, recording, routing, speech
 from shopcall.app import App
 from shopcall.call import Call, CallEnded, DialStatus, presentable
 from shopcall.calllog import CallRecord, now
@@ -71,7 +71,16 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
     rec.step("hours", open=decision.open, reason=decision.reason)
     if not decision.open:
         rec.outcome = "holiday" if decision.reason in CLOSED_PROMPT else "after_hours"
-        await call.play(CLOSED_PROMPT.get(decision.reason, "after_hours"))
+        closed: list[str | Path] = [CLOSED_PROMPT.get(decision.reason, "after_hours")]
+        opens = hours.next_opening(route.schedule, app.clock()) if app.config.inbound.say_next_opening else None
+        if opens is not None:  # the number's own hours, not a sentence recorded for one shop's week
+            rec.step("opens", at=opens.isoformat(timespec="minutes"))
+            try:
+                closed.append(await call.sounds.say_text(speech.opening_text(opens, app.clock(), call.language),
+                                                         call.language))
+            except Exception:  # the TTS failed: the caller still hears that we are closed
+                log.exception("%s: could not say when we open", call.info.uniqueid)
+        await call.play(*closed)
         if app.config.voicemail.after_hours:
             await _voicemail(call, app, rec, route)
         await _finish(call, rec)
