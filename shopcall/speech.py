@@ -123,7 +123,9 @@ def opening_text(opens: datetime, now: datetime, lang: str) -> str:
             day = _WEEKDAYS_RU_ON[opens.weekday()]
         else:
             day = date_text(opens.date(), "ru", case="g")
-        if m:
+        if not h and not m:
+            at = "в полночь"
+        elif m:
             minutes = num2words(m, lang="ru") if m >= 10 else f"ноль {num2words(m, lang='ru')}"
             at = f"в {num2words(h, lang='ru')} {minutes}"
         else:
@@ -137,5 +139,7 @@ def opening_text(opens: datetime, now: datetime, lang: str) -> str:
         day = f"on {_WEEKDAYS_EN[opens.weekday()]}"
     else:
         day = f"on {date_text(opens.date(), 'en')}"
+    if not h and not m:
+        return f"We open again {day} at midnight."
     clock = f"{h % 12 or 12}:{m:02d}" if m else f"{h % 12 or 12}"
     return f"We open again {day} at {clock} {'a.m.' if h < 12 else 'p.m.'}"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 import wave
@@ -20,6 +21,14 @@ class PromptNames:
 
     async def say_text(self, text: str, lang: str) -> Path:
         return Path(f"/tts/{lang}/{text}")
+
+
+class WireSafeNames(PromptNames):
+    """TTS files named by a digest of their text, as the real TTS cache names them: a text with spaces is
+    no file name a PBX command takes, so calls over a wire (FreeSWITCH's, Asterisk's) get these."""
+
+    async def say_text(self, text: str, lang: str) -> Path:
+        return Path(f"/tts/{lang}/{hashlib.sha1(text.encode()).hexdigest()}")
 
 
 class ScriptedCall(Call):

@@ -27,7 +27,7 @@ from shopcall.call import Call, CallEnded, CallInfo, DialResult, DialStatus
 from shopcall.flows.inbound import inbound
 from tests import test_inbound_flow
 from tests.esl_peer import Caller, FsPeer, call_once
-from tests.scripted import PromptNames, ScriptedCall
+from tests.scripted import PromptNames, ScriptedCall, WireSafeNames
 from tests.test_inbound_flow import call_row, callbacks
 
 app = test_inbound_flow.app  # the same `app` fixture: the App built as the Asterisk-side flow tests build it
@@ -233,6 +233,9 @@ def pbx(request) -> str:
 
 @pytest.fixture
 def place(app, pbx, caplog):
+    if pbx != "scripted":  # the flow's TTS texts ("we open again ...") go over the wire as file names
+        app.prompts = WireSafeNames()
+
     async def place(s: Scenario) -> Outcome:
         caplog.set_level(logging.INFO, logger="shopcall")
         out = await {"scripted": run_scripted, "asterisk": run_asterisk, "freeswitch": run_freeswitch}[pbx](app, s)
