@@ -200,8 +200,8 @@ class AgiCall(Call):
         prefix = self.endpoint_template.partition("{endpoint}")[0]
         name, sep, _ = peer.removeprefix(prefix).rpartition("-")
         answered = name if status == "ANSWER" and sep and peer.startswith(prefix) and _is_endpoint(name) else None
-        result = DialStatus.FAILED if not status else _DIALSTATUS.get(status, DialStatus.FAILED)
-        return DialResult(result, answered, _seconds(answered_time) if status == "ANSWER" else 0.0, status)
+        talk = _seconds(answered_time) if status == "ANSWER" else 0.0
+        return DialResult(_DIALSTATUS.get(status, DialStatus.FAILED), answered, talk, status)
 
     async def _dial_outcome(self) -> tuple[str, str, str]:
         """DIALSTATUS, DIALEDPEERNAME and ANSWEREDTIME in one round trip instead of three. Neither the status

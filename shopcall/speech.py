@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
-from num2words import num2words
+from num2words import CONVERTER_CLASSES, num2words
 
 LANGS = ("ru", "en")
 
@@ -101,44 +101,31 @@ _WEEKDAYS_RU_ON = ("в понедельник", "во вторник", "в ср�
 _WEEKDAYS_EN = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
-def _ru_plural(n: int, one: str, few: str, many: str) -> str:
-    if n % 10 == 1 and n % 100 != 11:
-        return one
-    return few if n % 10 in (2, 3, 4) and n % 100 not in (12, 13, 14) else many
+def _day_text(opens: datetime, days: int, lang: str) -> str:
+    """Today, tomorrow, the weekday within a week, else the date: when, as one says it before the time."""
+    ru = lang == "ru"
+    if days < 2:
+        return (("сегодня", "завтра") if ru else ("today", "tomorrow"))[days]
+    if days < 7:
+        return _WEEKDAYS_RU_ON[opens.weekday()] if ru else f"on {_WEEKDAYS_EN[opens.weekday()]}"
+    return date_text(opens.date(), "ru", case="g") if ru else f"on {date_text(opens.date(), 'en')}"
 
 
 def opening_text(opens: datetime, now: datetime, lang: str) -> str:
     """ "Мы откроемся завтра в девять часов." / "We open again on Monday at 9:30 a.m.": when a closed shop
     opens next, both moments in the shop's own time zone (`opens`' zone)."""
     _check_lang(lang)
-    local_now = now.astimezone(opens.tzinfo)
-    days = (opens.date() - local_now.date()).days
+    day = _day_text(opens, (opens.date() - now.astimezone(opens.tzinfo).date()).days, lang)
     h, m = opens.hour, opens.minute
     if lang == "ru":
-        if days == 0:
-            day = "сегодня"
-        elif days == 1:
-            day = "завтра"
-        elif days < 7:
-            day = _WEEKDAYS_RU_ON[opens.weekday()]
-        else:
-            day = date_text(opens.date(), "ru", case="g")
         if not h and not m:
             at = "в полночь"
         elif m:
             minutes = num2words(m, lang="ru") if m >= 10 else f"ноль {num2words(m, lang='ru')}"
             at = f"в {num2words(h, lang='ru')} {minutes}"
-        else:
-            at = f"в {num2words(h, lang='ru')} {_ru_plural(h, 'час', 'часа', 'часов')}"
+        else:  # num2words' own Russian plural: час, часа, часов
+            at = f"в {num2words(h, lang='ru')} {CONVERTER_CLASSES['ru'].pluralize(h, ('час', 'часа', 'часов'))}"
         return f"Мы откроемся {day} {at}."
-    if days == 0:
-        day = "today"
-    elif days == 1:
-        day = "tomorrow"
-    elif days < 7:
-        day = f"on {_WEEKDAYS_EN[opens.weekday()]}"
-    else:
-        day = f"on {date_text(opens.date(), 'en')}"
     if not h and not m:
         return f"We open again {day} at midnight."
     clock = f"{h % 12 or 12}:{m:02d}" if m else f"{h % 12 or 12}"

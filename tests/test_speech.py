@@ -1,9 +1,10 @@
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from shopcall.speech import date_text, digits_text, money_text, number_text
+from shopcall.speech import date_text, digits_text, money_text, number_text, opening_text
 
 
 @pytest.mark.parametrize(
@@ -115,25 +116,28 @@ def test_unknown_language(call) -> None:
         call()
 
 
-def test_opening_text_says_when_a_closed_shop_opens_in_its_own_zone():
-    from zoneinfo import ZoneInfo
+_MSK = ZoneInfo("Europe/Moscow")
 
-    from shopcall.speech import opening_text
 
-    msk = ZoneInfo("Europe/Moscow")
+@pytest.mark.parametrize(
+    ("opens", "lang", "text"),
+    [
+        ((2026, 11, 25, 21, 0), "ru", "Мы откроемся сегодня в двадцать один час."),
+        ((2026, 11, 26, 9, 0), "ru", "Мы откроемся завтра в девять часов."),
+        ((2026, 11, 26, 2, 0), "ru", "Мы откроемся завтра в два часа."),
+        ((2026, 11, 27, 9, 5), "ru", "Мы откроемся в пятницу в девять ноль пять."),
+        ((2026, 12, 1, 10, 30), "ru", "Мы откроемся во вторник в десять тридцать."),
+        ((2026, 12, 5, 9, 0), "ru", "Мы откроемся пятого декабря в девять часов."),
+        ((2026, 11, 26, 9, 0), "en", "We open again tomorrow at 9 a.m."),
+        ((2026, 11, 28, 13, 30), "en", "We open again on Saturday at 1:30 p.m."),
+        ((2026, 11, 26, 0, 0), "en", "We open again tomorrow at midnight."),
+        ((2026, 11, 26, 0, 0), "ru", "Мы откроемся завтра в полночь."),
+        ((2026, 11, 26, 0, 30), "en", "We open again tomorrow at 12:30 a.m."),
+        ((2026, 12, 9, 12, 0), "en", "We open again on December ninth at 12 p.m."),
+        # in UTC it is already the 25th at 17:00, but the day is the shop's: 23:30 Moscow is still "today"
+        ((2026, 11, 25, 23, 30), "en", "We open again today at 11:30 p.m."),
+    ],
+)
+def test_opening_text_says_when_a_closed_shop_opens_in_its_own_zone(opens, lang, text):
     now = datetime(2026, 11, 25, 17, 0, tzinfo=UTC)  # Wednesday 20:00 in Moscow, still the 25th
-    at = lambda *a: datetime(*a, tzinfo=msk)  # noqa: E731
-    assert opening_text(at(2026, 11, 25, 21, 0), now, "ru") == "Мы откроемся сегодня в двадцать один час."
-    assert opening_text(at(2026, 11, 26, 9, 0), now, "ru") == "Мы откроемся завтра в девять часов."
-    assert opening_text(at(2026, 11, 26, 2, 0), now, "ru") == "Мы откроемся завтра в два часа."
-    assert opening_text(at(2026, 11, 27, 9, 5), now, "ru") == "Мы откроемся в пятницу в девять ноль пять."
-    assert opening_text(at(2026, 12, 1, 10, 30), now, "ru") == "Мы откроемся во вторник в десять тридцать."
-    assert opening_text(at(2026, 12, 5, 9, 0), now, "ru") == "Мы откроемся пятого декабря в девять часов."
-    assert opening_text(at(2026, 11, 26, 9, 0), now, "en") == "We open again tomorrow at 9 a.m."
-    assert opening_text(at(2026, 11, 28, 13, 30), now, "en") == "We open again on Saturday at 1:30 p.m."
-    assert opening_text(at(2026, 11, 26, 0, 0), now, "en") == "We open again tomorrow at midnight."
-    assert opening_text(at(2026, 11, 26, 0, 0), now, "ru") == "Мы откроемся завтра в полночь."
-    assert opening_text(at(2026, 11, 26, 0, 30), now, "en") == "We open again tomorrow at 12:30 a.m."
-    assert opening_text(at(2026, 12, 9, 12, 0), now, "en") == "We open again on December ninth at 12 p.m."
-    # in UTC it is already the 25th at 17:00, but the day is the shop's: 23:30 Moscow is still "today"
-    assert opening_text(at(2026, 11, 25, 23, 30), now, "en") == "We open again today at 11:30 p.m."
+    assert opening_text(datetime(*opens, tzinfo=_MSK), now, lang) == text

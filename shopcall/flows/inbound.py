@@ -67,16 +67,17 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
     # a caller who knows the menu may press the key during the greeting (without a menu no key is listened for)
     early_key = await call.play(*greeting, interruptible=route.menu is not None)
 
-    decision = hours.check(route.schedule, app.clock())
+    clock = app.clock()
+    decision = hours.check(route.schedule, clock)
     rec.step("hours", open=decision.open, reason=decision.reason)
     if not decision.open:
         rec.outcome = "holiday" if decision.reason in CLOSED_PROMPT else "after_hours"
         closed: list[str | Path] = [CLOSED_PROMPT.get(decision.reason, "after_hours")]
-        opens = hours.next_opening(route.schedule, app.clock()) if app.config.inbound.say_next_opening else None
+        opens = hours.next_opening(route.schedule, clock) if app.config.inbound.say_next_opening else None
         if opens is not None:  # the number's own hours, not a sentence recorded for one shop's week
             rec.step("opens", at=opens.isoformat(timespec="minutes"))
             try:
-                closed.append(await call.sounds.say_text(speech.opening_text(opens, app.clock(), call.language),
+                closed.append(await call.sounds.say_text(speech.opening_text(opens, clock, call.language),
                                                          call.language))
             except Exception:  # the TTS failed: the caller still hears that we are closed
                 log.exception("%s: could not say when we open", call.info.uniqueid)
