@@ -19,9 +19,9 @@ from shopcall.call import (
     DialStrategy,
     RecordResult,
     SoundSource,
-    check_endpoint,
     check_number,
     check_var_name,
+    is_endpoint,
 )
 
 log = logging.getLogger("shopcall.agi")
@@ -38,13 +38,6 @@ _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.+:@-]*\Z")
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9_./+-]+\Z")  # nothing Playback splits on (&, ",") or quoting changes
 # Q.850 causes for the few ways a flow ends a call
 _CAUSES = {"normal": 16, "busy": 17, "noanswer": 19, "rejected": 21, "congestion": 34}
-
-
-def _is_endpoint(name: str) -> bool:
-    try:
-        return bool(check_endpoint(name))
-    except ValueError:
-        return False
 
 
 def _seconds(text: str) -> float:
@@ -199,7 +192,7 @@ class AgiCall(Call):
         status, peer, answered_time = await self._dial_outcome()
         prefix = self.endpoint_template.partition("{endpoint}")[0]
         name, sep, _ = peer.removeprefix(prefix).rpartition("-")
-        answered = name if status == "ANSWER" and sep and peer.startswith(prefix) and _is_endpoint(name) else None
+        answered = name if status == "ANSWER" and sep and peer.startswith(prefix) and is_endpoint(name) else None
         talk = _seconds(answered_time) if status == "ANSWER" else 0.0
         return DialResult(_DIALSTATUS.get(status, DialStatus.FAILED), answered, talk, status)
 

@@ -64,7 +64,7 @@ _CAUSES = {
     "congestion": "NORMAL_CIRCUIT_CONGESTION",
 }
 # originate_disposition (or DIALSTATUS, spelled differently) -> our status
-_DISPOSITION = {
+DISPOSITION = {
     "SUCCESS": DialStatus.ANSWERED,
     "NO_ANSWER": DialStatus.NOANSWER,
     "NOANSWER": DialStatus.NOANSWER,
@@ -292,7 +292,7 @@ class EslCall(Call):
 
     def _dial_result(self, ev: Event, legs: dict[str, str]) -> DialResult:
         disposition = ev.var("originate_disposition") or ev.var("DIALSTATUS") or ""
-        status = _DISPOSITION.get(disposition, DialStatus.FAILED)
+        status = DISPOSITION.get(disposition, DialStatus.FAILED)
         if status != DialStatus.ANSWERED:
             # the caller left while it rang (a channel killed by the failed bridge itself has the
             # bridge's cause as its hangup cause, e.g. ALLOTTED_TIMEOUT without continue_on_fail)
@@ -307,7 +307,7 @@ class EslCall(Call):
         else:
             other = ev.get("Other-Leg-Destination-Number")
             answered = other if other in legs.values() else (next(iter(legs.values())) if len(legs) == 1 else None)
-        return DialResult(DialStatus.ANSWERED, answered, _talk_seconds(ev), disposition)
+        return DialResult(DialStatus.ANSWERED, answered, talk_seconds(ev), disposition)
 
     async def record(
         self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5, beep: bool = True
@@ -386,7 +386,7 @@ def _key_set(escape: str) -> str:
     return "".join(k for k in ALL_KEYS if k in escape)
 
 
-def _talk_seconds(ev: Event) -> float:
+def talk_seconds(ev: Event) -> float:
     """From FreeSWITCH's own clock: the event's time minus when the bridge began (both microseconds)."""
     try:
         bridged = int(ev.get("Caller-Channel-Bridged-Time", "0"))

@@ -19,7 +19,7 @@ import collections
 import logging
 import re
 import uuid as uuidlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from esl import protocol
@@ -89,6 +89,8 @@ class EslClient:
         self._jobs: dict[str, asyncio.Future[Event]] = {}
         self._early: collections.OrderedDict[str, Event] = collections.OrderedDict()
         self._watches: dict[str, ChannelWatch] = {}
+        # called with every channel event (not the jobs), e.g. esl/hangup_report.py's CHANNEL_HANGUP_COMPLETE
+        self.listeners: list[Callable[[Event], None]] = []
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -265,6 +267,11 @@ class EslClient:
                 while len(self._early) > _EARLY_JOBS:
                     self._early.popitem(last=False)
             return
+        for listener in self.listeners:
+            try:
+                listener(ev)
+            except Exception:  # one listener's bug must not stop the event reader
+                log.exception("event listener %r failed on %s", listener, ev.name)
         watch = self._watches.get(ev.get("Unique-ID"))
         if watch is None:
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from agi.routes import path_mapper
 from esl.call import AMD_VARIABLE, EslCall
@@ -19,6 +20,12 @@ ARG = "shopcall_arg_"
 _NO_VALUE = {"", "_undef_", "0000000000"}  # 0000000000: FreeSWITCH's number when there is none
 
 
+def created_at(channel: Event) -> datetime | None:
+    """The channel's creation time from FreeSWITCH's own clock (microseconds since the epoch)."""
+    value = channel.get("Caller-Channel-Created-Time")
+    return datetime.fromtimestamp(int(value) / 1e6, UTC) if value.isdigit() and int(value) > 0 else None
+
+
 def call_info(channel: Event, flow: str) -> CallInfo:
     number = channel.get("Caller-Caller-ID-Number")
     name = channel.get("Caller-Caller-ID-Name")
@@ -32,6 +39,7 @@ def call_info(channel: Event, flow: str) -> CallInfo:
         channel=channel.get("Channel-Name"),
         # a registered phone of ours (an agent's, dialling a feature code) is authenticated as a user
         caller_endpoint=channel.var("user_name") or "",
+        created_at=created_at(channel),
         language=channel.var("shopcall_language") or channel.var("default_language") or "ru",
         script=flow,
         # the dialplan passes arguments as shopcall_arg_NAME (e.g. the agent feature code's action)

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Protocol
@@ -56,6 +56,7 @@ class CallInfo:
     language: str = "ru"
     script: str = ""
     caller_endpoint: str = ""  # the PBX device placing the call (an agent's phone), when it is one of ours
+    created_at: datetime | None = None  # when the PBX created the channel, if it says so
     args: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -115,6 +116,13 @@ def presentable(name: str, limit: int = 80) -> str:
     """A caller name as an agent's phone can show it. A control character (a carrier's garbage, a newline)
     would be copied raw into the SIP message that rings the agent, and the phone drops that message."""
     return " ".join("".join(ch if ch.isprintable() else " " for ch in name).split())[:limit]
+
+
+def is_endpoint(name: str) -> bool:
+    try:
+        return bool(check_endpoint(name))
+    except ValueError:
+        return False
 
 
 def check_var_name(name: str) -> str:

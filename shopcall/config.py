@@ -325,6 +325,9 @@ class FreeswitchConfig:
         "sofia/gateway/trunk/{number}", str, 'a string containing "{number}"',
         lambda v: None if "{number}" in v else 'must contain "{number}"')
     dialler_enabled: bool = _setting(False, bool, "true or false")
+    # calls the rendered fallback extension rang (our server down or giving up) get their row and callback
+    # request from their CHANNEL_HANGUP_COMPLETE, read on the inbound event socket (esl_host:esl_port)
+    report_fallback: bool = _setting(False, bool, "true or false")
 
 
 @dataclass(frozen=True)

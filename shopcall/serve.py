@@ -90,6 +90,11 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         from shopcall import callbacks
 
         background.append(asyncio.create_task(callbacks.serve_callbacks(pool, config), name="callback-worker"))
+    if "esl" in parts and config.freeswitch.report_fallback:
+        from esl.hangup_report import FLOW, serve_fallback_reports
+
+        background.append(asyncio.create_task(serve_fallback_reports(app, load_all()[FLOW]),
+                                              name="freeswitch-fallback-reports"))
     if "dialler" in parts:
         background.append(asyncio.create_task(serve_dialler(pool, config), name="dialler"))
     hooks = config.webhooks
@@ -114,6 +119,7 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         log.info("shutting down: letting live calls finish (up to 5 s)")
         for task in background:
             task.cancel()
+        await asyncio.wait(background, timeout=5)  # their own clean-up (closing sockets, reports in flight)
         for server in servers:
             await server.stop(grace=5.0)
         if api is not None:

@@ -97,6 +97,19 @@ async def test_render_dialplan_for_freeswitch_hands_calls_to_the_socket_then_the
     # sales is the fallback group; the ring timeout on the channel (FreeSWITCH ignores it inside {})
     assert fallback.index(("set", "call_timeout=20")) < fallback.index(("bridge", "user/agent1"))
     assert actions("shopcall", "shopcall-done") == [("hangup", "NORMAL_CLEARING")]
+    # marked for its hangup report (esl/hangup_report.py), with the flow's own bridge outcome cleared first
+    bridge = fallback.index(("bridge", "user/agent1"))
+    assert fallback.index(("set", "shopcall_flow=fallback")) < bridge
+    assert fallback.index(("set", "shopcall_arg_flow_dial=${DIALSTATUS}")) < fallback.index(("unset", "DIALSTATUS")) < bridge
+    assert ("unset", "originate_disposition") in fallback[:bridge] and ("unset", "last_bridge_to") in fallback[:bridge]
+    # a caller who had talked to an agent is not rung again; FreeSWITCH takes the first extension that matches
+    answered = contexts["shopcall"].find("extension[@name='shopcall-fallback-answered']")
+    assert [(c.get("field"), c.get("expression")) for c in answered.iter("condition")] == [
+        ("destination_number", "^shopcall-fallback$"), ("${DIALSTATUS}", "^SUCCESS$")]
+    assert actions("shopcall", "shopcall-fallback-answered") == [
+        ("set", "shopcall_flow=fallback"), ("set", "shopcall_arg_flow_dial=ANSWER"), ("hangup", "NORMAL_CLEARING")]
+    order = [e.get("name") for e in contexts["shopcall"].iter("extension")]
+    assert order.index("shopcall-done") < order.index("shopcall-fallback-answered") < order.index("shopcall-fallback")
     assert ("socket", "127.0.0.1:8084 async full") in actions("shopcall-robot", "shopcall-robot")
     assert ("set", "shopcall_arg_action=login") in actions("shopcall-agents", "shopcall-agent-login")
 

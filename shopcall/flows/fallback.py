@@ -8,6 +8,9 @@ Arguments (the rendered handler passes them): `number`, the number the caller di
 PBX's dial status when the flow stopped (ANSWER: an agent had already talked to the caller, and the
 fallback did not ring); `agistatus`, why the flow stopped. A server that is still down at hangup gets no
 report: Asterisk logs the failed AGI and the call is only in Asterisk's CDR.
+
+On FreeSWITCH the same report is the channel's CHANNEL_HANGUP_COMPLETE, read by our inbound event socket
+client (esl/hangup_report.py), with the same arguments taken from the channel's variables.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _word(args: Mapping[str, str], key: str) -> str:
 
 
 def started_at(uniqueid: str, fallback: datetime) -> datetime:
-    """When the channel was created, as its uniqueid says (to the second); else `fallback`."""
+    """When the channel was created, as Asterisk's uniqueid says (to the second); else `fallback`."""
     m = _UNIQUEID.match(uniqueid)
     if m is None:
         return fallback
@@ -47,8 +50,8 @@ def started_at(uniqueid: str, fallback: datetime) -> datetime:
 async def fallback(call: Call, app: App) -> None:
     info = call.info
     ended = now()
-    rec = CallRecord.of_caller(info, app.config.shop.country, started_at=started_at(info.uniqueid, ended),
-                               ended_at=ended)
+    start = min(info.created_at, ended) if info.created_at else started_at(info.uniqueid, ended)
+    rec = CallRecord.of_caller(info, app.config.shop.country, started_at=start, ended_at=ended)
     flow_dial, why = _word(info.args, "flow_dial"), _word(info.args, "agistatus")
     result = await call.last_dial()
     answered_before = flow_dial == "ANSWER"  # the flow's own ring was answered; the fallback rang nobody
