@@ -17,7 +17,11 @@ itself saturates here.
 Target (issue 6): ratio ≥ 0.9 there, read as the capacity ratio (the best rate each side sustained in the
 sweep; see the end of main for why). CPU seconds per call of every process are printed beside it.
 
-    .venv/bin/python bench/e2e_ratio.py [--rates 20,40,60,80,100,120] [--seconds 10] [--pin]   (root: the chroot)
+    .venv/bin/python bench/e2e_ratio.py [--rates 20,40,60,80,100,120] [--seconds 10] [--pin] [--stub]   (root: the chroot)
+
+--stub adds a third side: the same call through bench/agi_stub.py, a FastAGI server in its own process
+that sends our commands with no logic and no database, behind the include's three priorities. Its ratio
+is the most any FastAGI server could reach here, so it tells what of shopcall's gap is the protocol's.
 
 --pin gives Asterisk a core of its own and puts everything else on the others: then "where Asterisk itself
 saturates" is Asterisk's own limit, and the ratio is what our AGI costs Asterisk, not what our process and
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -136,7 +141,8 @@ def count_rows(url: str, since_id: int) -> tuple[int, int]:
     return n, top
 
 
-async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], seconds: float) -> list[tuple]:
+async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], seconds: float,
+                stub: bool = False) -> list[tuple]:
     sip = f"127.0.0.1:{pbx.sip_port}"
     agent = SippAgent("agent1", pbx.agents["agent1"], work_dir=work, answer_after=0.2, hangup_after=0.5)
     await agent.start()
@@ -150,6 +156,10 @@ async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], second
             await asyncio.sleep(3)  # the previous run's last channels go away before the next starts
             ours = await run_calls(sip, NUMBER, work, n, rate, f"agi-{rate}")
             await asyncio.sleep(3)
+            bare = None
+            if stub:
+                bare = await run_calls(sip, f"stub{NUMBER}", work, n, rate, f"stub-{rate}")
+                await asyncio.sleep(3)
             deadline = time.monotonic() + 30
             while True:  # rows are written just after each call's hangup
                 rows, top = count_rows(url, last_id)
@@ -157,18 +167,23 @@ async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], second
                     break
                 await asyncio.sleep(0.5)
             last_id = top
-            out.append((rate, n, plain, ours, rows, length))
+            out.append((rate, n, plain, ours, rows, length, bare))
             # a call's own length (prompts, ringing, talk): what the first run took beyond the offer, read
             # from the side that kept up (one side of the first run may already be past the cliff)
             length = length if out[1:] else max(0.0, min(plain.t_share, ours.t_share) - SHARE * n / rate)
-            out[-1] = (*out[-1][:5], length)
+            out[-1] = (*out[-1][:5], length, bare)
             ps, os_ = plain.sustained(length, n), ours.sustained(length, n)
             print(f"{rate:4d}/s {n:5d} calls | plain {plain.ok:5d} ok {plain.failed:4d} failed, 99 % in "
                   f"{plain.t_share:5.1f} s, all in {plain.wall:5.1f} s: sustained {ps:5.1f}/s | shopcall "
                   f"{ours.ok:5d} ok {ours.failed:4d} failed, 99 % in {ours.t_share:5.1f} s, all in "
                   f"{ours.wall:5.1f} s: sustained {os_:5.1f}/s, {rows} rows | ratio {os_ / max(ps, 1e-9):.2f}",
                   flush=True)
-            print(f"        CPU per call: plain {plain.cpu_per_call()} | shopcall {ours.cpu_per_call()}", flush=True)
+            if bare is not None:
+                bs = bare.sustained(length, n)
+                print(f"        stub FastAGI (no logic, no database): {bare.ok:5d} ok {bare.failed:4d} failed, 99 % in "
+                      f"{bare.t_share:5.1f} s: sustained {bs:5.1f}/s | ratio {bs / max(ps, 1e-9):.2f}", flush=True)
+            print(f"        CPU per call: plain {plain.cpu_per_call()} | shopcall {ours.cpu_per_call()}"
+                  + (f" | stub {bare.cpu_per_call()}" if bare is not None else ""), flush=True)
             if saturated(plain, n, rate):
                 if not out[1:]:
                     print(f"the first rate, {rate}/s, is already past saturation: no call length to read and "
@@ -183,6 +198,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="20,40,60,80,100,120", help="offered calls/s, ascending")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds of calls at each rate")
+    ap.add_argument("--stub", action="store_true",
+                    help="a third side: the same call through a FastAGI stub with no logic and no database "
+                         "(bench/agi_stub.py), what any FastAGI server costs here")
     ap.add_argument("--pin", action="store_true",
                     help="Asterisk alone on core 0; SIPp, shopcall and PostgreSQL on the other cores (needs 2+)")
     args = ap.parse_args()
@@ -197,6 +215,15 @@ def main() -> int:
     with shopcall_service("shopcall-e2e-ratio-", sections="[inbound]\nring_timeout = 20") as svc:
         work = svc.work
         sounds = svc.data / "sounds" / "ru"  # serve built them before it listened
+        stub_proc, stub_plan = None, ""
+        if args.stub:
+            stub_proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "agi_stub.py"), str(sounds)],
+                                         stdout=subprocess.PIPE, text=True)
+            stub_port = int(stub_proc.stdout.readline())
+            # the include's three priorities on the normal path, around the stub instead of shopcall
+            stub_plan = (f"exten => stub{NUMBER},1,Set(SHOPCALL_DONE=)\n"
+                         f" same => n,AGI(agi://127.0.0.1:{stub_port}/inbound?number=${{URIENCODE({NUMBER})}})\n"
+                         f' same => n,ExecIf($["${{SHOPCALL_DONE}}" = "1"]?Hangup())\n same => n,Hangup()\n')
         dialplan = f"""
 [test-in]
 exten => {NUMBER},1,Goto(shopcall-inbound,${{EXTEN}},1)
@@ -206,7 +233,7 @@ exten => plain{NUMBER},1,Answer()
  same => n,Playback({sounds}/connecting)
  same => n,Dial(PJSIP/agent1,20)
  same => n,Hangup()
-
+{stub_plan}
 #include "{svc.include}"
 """
         pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[svc.data],
@@ -219,24 +246,34 @@ exten => plain{NUMBER},1,Answer()
                       "shopcall serve, PostgreSQL and SIPp on the others")
             else:
                 print(f"cores: {os.cpu_count()}; Asterisk 22, shopcall serve, PostgreSQL and SIPp on the same machine")
-            results = asyncio.run(sweep(pbx, work, svc.url, rates, args.seconds))
+            results = asyncio.run(sweep(pbx, work, svc.url, rates, args.seconds, stub=args.stub))
         finally:
             pbx.stop()
+            if stub_proc:
+                stub_proc.kill()
+                stub_proc.wait()
     if not results:
         return 1
     rate, n, plain = results[-1][:3]
     best = {}
-    for name, k in (("plain", 2), ("shopcall", 3)):  # where each side stopped keeping up with the offer
+    sides = (("plain", 2), ("shopcall", 3)) + ((("stub", 6),) if args.stub else ())
+    for name, k in sides:  # where each side stopped keeping up with the offer
         best[name] = max(r[k].sustained(r[5], r[1]) for r in results)
         print(f"highest sustained rate, {name}: {best[name]:.1f} calls/s")
+    if args.stub:
+        print(f"capacity ratio of the stub FastAGI server (no logic, no database): "
+              f"{best['stub'] / max(best['plain'], 1e-9):.2f}")
     # Past saturation the pace of either side swings from run to run, so the ratio at that one rate says
     # little. The figure is the capacity ratio: the best rate each side sustained anywhere in the sweep.
     ratio = best["shopcall"] / max(best["plain"], 1e-9)
     cpu = {name: sum(sum(r[k].cpu.values()) for r in results) / max(sum(r[k].ok for r in results), 1)
-           for name, k in (("plain", 2), ("shopcall", 3))}
+           for name, k in sides}
     print(f"CPU per call, all processes: plain {1000 * cpu['plain']:.1f} ms, shopcall {1000 * cpu['shopcall']:.1f}"
           f" ms: where every process shares the cores, a CPU-bound capacity ratio of "
           f"{cpu['plain'] / max(cpu['shopcall'], 1e-9):.2f}")
+    if args.stub:
+        print(f"CPU per call, all processes, stub: {1000 * cpu['stub']:.1f} ms, a CPU-bound ratio of "
+              f"{cpu['plain'] / max(cpu['stub'], 1e-9):.2f}")
     print(f"target: capacity ratio >= {TARGET_RATIO} once Asterisk saturates "
           f"({'reached' if saturated(plain, n, rate) else 'not reached, highest rate tried'}: {rate}/s)")
     all_rows = all(r[4] == r[3].ok for r in results)  # every call we completed has its row

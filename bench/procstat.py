@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-KINDS = ("asterisk", "shopcall", "postgres", "sipp")
+KINDS = ("asterisk", "shopcall", "postgres", "sipp", "stub")
 
 
 def cpu_seconds(pid: int | str) -> float:
@@ -20,6 +20,8 @@ def kind(cmdline: str) -> str | None:
         return "postgres"
     if "sipp" in cmdline:
         return "sipp"
+    if "agi_stub.py" in cmdline:
+        return "stub"
     if "shopcall" in cmdline and "serve" in cmdline:
         return "shopcall"
     if cmdline.split(" ", 1)[0].endswith("asterisk"):
