@@ -23,6 +23,7 @@ from shopcall.call import (
     check_var_name,
     is_endpoint,
 )
+from shopcall.prompts import sound_seconds
 
 log = logging.getLogger("shopcall.agi")
 
@@ -42,32 +43,6 @@ _CAUSES = {"normal": 16, "busy": 17, "noanswer": 19, "rejected": 21, "congestion
 
 def _seconds(text: str) -> float:
     return float(text) if text and text.replace(".", "", 1).isdigit() else 0.0
-
-
-_SOUND_FORMATS = ((".wav", 16000), (".ulaw", 8000), (".alaw", 8000), (".sln", 16000), (".gsm", 1650))
-_SOUND_SECONDS_TTL = 5.0  # a prompt re-recorded meanwhile is measured again this soon
-_sound_seconds: dict[Path, tuple[float, float]] = {}  # base -> (measured at, seconds)
-
-
-def sound_seconds(base: Path) -> float:
-    """How long a sound plays, from its size; used only to size the command timeout (which adds its own
-    margin), so a length measured a few seconds ago will do: two stat calls a prompt were 3 % of a call."""
-    now = time.monotonic()
-    hit = _sound_seconds.get(base)
-    if hit is not None and now - hit[0] < _SOUND_SECONDS_TTL:
-        return hit[1]
-    seconds = 30.0
-    for ext, bytes_per_s in _SOUND_FORMATS:
-        try:
-            size = base.with_name(base.name + ext).stat().st_size
-        except OSError:
-            continue
-        seconds = max(0.0, (size - 44) / bytes_per_s)
-        break
-    if len(_sound_seconds) >= 4096:  # one-off files (a said order number) do not pile up
-        _sound_seconds.clear()
-    _sound_seconds[base] = (now, seconds)
-    return seconds
 
 
 class AgiCall(Call):

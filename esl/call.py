@@ -35,7 +35,6 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from agi.call import sound_seconds
 from esl import protocol
 from esl.modules import Modules
 from esl.protocol import Event
@@ -51,7 +50,7 @@ from shopcall.call import (
     RecordResult,
     SoundSource,
 )
-from shopcall.prompts import CUSTOM_EXTS
+from shopcall.prompts import CUSTOM_EXTS, sound_seconds
 from shopcall.tts import with_ext
 
 log = logging.getLogger("shopcall.esl")
