@@ -33,6 +33,7 @@ from shopcall.config import is_loopback
 from shopcall.directory import Directory, Menu
 from shopcall.listener import parse_allow, peer_allowed
 from shopcall.phone import to_e164
+from shopcall.ratelimit import Buckets, retry_after
 
 log = logging.getLogger("shopcall.api")
 
@@ -42,6 +43,8 @@ POOL: web.AppKey[AsyncConnectionPool] = web.AppKey("pool", AsyncConnectionPool)
 CONFIG: web.AppKey[Any] = web.AppKey("config", object)
 ALLOW: web.AppKey[list] = web.AppKey("allow", list)
 TOKENS: web.AppKey[list] = web.AppKey("tokens", list)
+REQUESTS: web.AppKey[Buckets] = web.AppKey("requests", Buckets)  # by token
+FAILURES: web.AppKey[Buckets] = web.AppKey("auth_failures", Buckets)  # by address
 
 PUBLIC = frozenset({"/api/openapi.json", "/healthz"})  # no token: monitoring and client generators
 MAX_BODY = 64 * 1024  # agent updates are a few bytes; a big body is a mistake or an attack
@@ -56,9 +59,10 @@ class ApiStartError(Exception):
 class ApiError(Exception):
     """Becomes `{"error": message, "detail": detail}` with `status`."""
 
-    def __init__(self, status: int, message: str, detail: Any = None) -> None:
+    def __init__(self, status: int, message: str, detail: Any = None, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.detail = status, message, detail
+        self.headers = dict(headers or {})
 
 
 def _json_default(value: object) -> object:
@@ -89,6 +93,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
     except ApiError as exc:
         response = _error(exc.status, exc.message, exc.detail)
+        response.headers.update(exc.headers)
     except web.HTTPException as exc:  # aiohttp's own 404/405/413
         if exc.status < 400:
             raise
@@ -108,11 +113,20 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-@web.middleware
-async def _allow(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _peer(request: web.Request) -> str:
     # the socket's peer, not X-Forwarded-For: a client could write that header itself
     peer = request.transport.get_extra_info("peername") if request.transport else None
-    host = str(peer[0]) if peer else ""
+    return str(peer[0]) if peer else ""
+
+
+def _too_many(message: str, wait: float, detail: dict | None = None) -> ApiError:
+    after = retry_after(wait)
+    return ApiError(429, message, {**(detail or {}), "retry_after": int(after)}, {"Retry-After": after})
+
+
+@web.middleware
+async def _allow(request: web.Request, handler: Handler) -> web.StreamResponse:
+    host = _peer(request)
     if not peer_allowed(host, request.app[ALLOW]):
         log.warning("API: refused request from %s (not in api.allow)", host or "?")
         raise ApiError(403, "your address is not in api.allow", {"address": host})
@@ -126,16 +140,24 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     tokens: list[bytes] = request.app[TOKENS]
     if not tokens:
         raise ApiError(401, "the API has no tokens configured: set api.tokens in the configuration")
+    host, failures = _peer(request), request.app[FAILURES]
+    if wait := failures.wait(host):  # guessing tokens: every try costs the guesser a minute's share
+        raise _too_many("too many failed authentications from your address (api.auth_failures_per_minute)", wait)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
+        failures.take(host)
         raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
     candidate = given.strip().encode()
     # compare with every token, without stopping at the first match: the time says nothing about which
-    ok = False
-    for token in tokens:
-        ok |= hmac.compare_digest(candidate, token)
-    if not ok:
+    which = -1
+    for i, token in enumerate(tokens):
+        if hmac.compare_digest(candidate, token):
+            which = i
+    if which < 0:
+        failures.take(host)
         raise ApiError(401, "invalid bearer token")
+    if wait := request.app[REQUESTS].take(which):  # a client's runaway loop must not take every connection
+        raise _too_many("too many requests for this token (api.rate_per_second)", wait)
     return await handler(request)
 
 
@@ -343,6 +365,8 @@ def _ok(description: str, schema: dict) -> dict:
 
 _AUTH_ERRORS = {"401": _err("missing or invalid bearer token, or no api.tokens configured"),
                 "403": _err("client address not in api.allow"),
+                "429": _err("over api.rate_per_second for this token, or too many failed authentications "
+                            "from this address; wait the Retry-After header's seconds"),
                 "503": _err("database unavailable")}
 _AGENT = {"type": "object", "required": ["endpoint", "logged_in", "paused"], "properties": {
     "endpoint": {"type": "string"}, "name": {"type": "string"},
@@ -445,6 +469,8 @@ def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
     app[POOL] = pool
     app[ALLOW] = parse_allow(config.api.allow)
     app[TOKENS] = [t.strip().encode() for t in config.api.tokens if t.strip()]  # the header's value is stripped too
+    app[REQUESTS] = Buckets(config.api.rate_per_second, config.api.rate_burst)
+    app[FAILURES] = Buckets(config.api.auth_failures_per_minute / 60, config.api.auth_failures_per_minute)
     app.router.add_get("/api/v1/stats", get_stats)
     app.router.add_get("/api/v1/agents", list_agents)
     app.router.add_post("/api/v1/agents/{endpoint}", set_agent)

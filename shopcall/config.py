@@ -383,6 +383,11 @@ class ApiConfig:
     port: int = _number(8085, int, lo=1, hi=65535)
     allow: tuple[str, ...] = _setting((), list, "a list of addresses/networks", _check_allow, tuple)
     tokens: tuple[str, ...] = _setting((), list, "a list of bearer tokens", None, tuple, repr=False)
+    # requests a second per token (a burst of rate_burst is let through); 0 turns the limit off
+    rate_per_second: float = _number(50.0, float, lo=0)
+    rate_burst: int = _number(100, int, lo=1)
+    # failed authentications per minute from one address before it is told to wait (429); 0 = no limit
+    auth_failures_per_minute: int = _number(10, int, lo=0)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from shopcall import db, stats
 from shopcall.api import PUBLIC, ApiRunner, ApiStartError, start_api
 from shopcall.calllog import CallLog, CallRecord
 from shopcall.config import ApiConfig, Config
+from shopcall.ratelimit import Buckets
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -103,6 +104,57 @@ async def test_no_tokens_configured_says_what_to_set(pool):
             assert (await client.get("/healthz")).status == 200  # monitoring still works
     finally:
         await runner.stop()
+
+
+async def started(pool, **api):
+    runner = await start_api(api_config(**api), pool)
+    return runner, aiohttp.ClientSession(f"http://127.0.0.1:{runner.port}")
+
+
+async def test_a_token_over_its_rate_is_told_when_to_come_back_and_others_are_not_slowed(pool):
+    runner, client = await started(pool, tokens=(TOKEN, "other-token"), rate_per_second=0.5, rate_burst=3)
+    try:
+        async with client:
+            assert [(await client.get("/api/v1/agents", headers=AUTH)).status for _ in range(3)] == [200] * 3
+            resp = await client.get("/api/v1/agents", headers=AUTH)
+            body = await resp.json()
+            assert resp.status == 429 and "api.rate_per_second" in body["error"]
+            assert resp.headers["Retry-After"] == "2" and body["detail"] == {"retry_after": 2}  # 1 token at 0.5/s
+            other = await client.get("/api/v1/agents", headers={"Authorization": "Bearer other-token"})
+            assert other.status == 200  # a bucket per token
+            assert (await client.get("/healthz")).status == 200  # monitoring is never limited
+    finally:
+        await runner.stop()
+
+
+async def test_token_guessing_from_one_address_is_slowed_down(pool):
+    runner, client = await started(pool, auth_failures_per_minute=3)
+    try:
+        async with client:
+            for headers in ({}, {"Authorization": "Bearer guess1"}, {"Authorization": "Bearer guess2"}):
+                assert (await client.get("/api/v1/agents", headers=headers)).status == 401
+            # the next try is not even compared, so the right token does not tell a guesser it was right
+            resp = await client.get("/api/v1/agents", headers=AUTH)
+            assert resp.status == 429 and "api.auth_failures_per_minute" in (await resp.json())["error"]
+            assert resp.headers["Retry-After"] == "20"  # a minute's share of 3
+            assert (await client.get("/healthz")).status == 200
+    finally:
+        await runner.stop()
+
+
+def test_buckets_refill_with_time_and_forget_idle_keys():
+    now = [0.0]
+    b = Buckets(2.0, 2, max_keys=3, clock=lambda: now[0])
+    assert [b.take("a") for _ in range(3)] == [0.0, 0.0, 0.5]
+    assert b.wait("a") == 0.5 and b.take("a") == 0.5  # wait and a refused take take nothing
+    now[0] = 0.5
+    assert b.take("a") == 0.0 and b.take("a") == 0.5  # one token back after 0.5 s at 2/s, taken
+    b.take("b"), b.take("c")
+    now[0] = 10.0  # b and c are full again, a too: all forgotten when a fourth key comes
+    b.take("d")
+    assert set(b._buckets) == {"d"}
+    off = Buckets(0, 1)
+    assert not off.enabled and all(off.take("x") == 0.0 for _ in range(100))
 
 
 async def test_refuses_public_listen_without_allow(pool):
