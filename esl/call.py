@@ -63,7 +63,7 @@ _CAUSES = {
     "congestion": "NORMAL_CIRCUIT_CONGESTION",
 }
 # originate_disposition (or DIALSTATUS, spelled differently) -> our status
-DISPOSITION = {
+_DISPOSITION = {
     "SUCCESS": DialStatus.ANSWERED,
     "NO_ANSWER": DialStatus.NOANSWER,
     "NOANSWER": DialStatus.NOANSWER,
@@ -290,8 +290,7 @@ class EslCall(Call):
         return f"[origination_uuid={leg_uuid}{extra}]" + self.endpoint_template.format(endpoint=name)
 
     def _dial_result(self, ev: Event, legs: dict[str, str]) -> DialResult:
-        disposition = ev.var("originate_disposition") or ev.var("DIALSTATUS") or ""
-        status = DISPOSITION.get(disposition, DialStatus.FAILED)
+        disposition, status = bridge_status(ev)
         if status != DialStatus.ANSWERED:
             # the caller left while it rang (a channel killed by the failed bridge itself has the
             # bridge's cause as its hangup cause, e.g. ALLOTTED_TIMEOUT without continue_on_fail)
@@ -383,6 +382,12 @@ def _money(amount: Decimal | int) -> str | None:
 
 def _key_set(escape: str) -> str:
     return "".join(k for k in ALL_KEYS if k in escape)
+
+
+def bridge_status(ev: Event) -> tuple[str, DialStatus]:
+    """A bridge's outcome in FreeSWITCH's words and ours, from the variables an event carries."""
+    disposition = ev.var("originate_disposition") or ev.var("DIALSTATUS") or ""
+    return disposition, _DISPOSITION.get(disposition, DialStatus.FAILED)
 
 
 def talk_seconds(ev: Event) -> float:

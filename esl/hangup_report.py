@@ -18,7 +18,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from esl.call import DISPOSITION, talk_seconds
+from esl.call import bridge_status, talk_seconds
 from esl.client import EslClient
 from esl.protocol import Event
 from esl.routes import call_info
@@ -54,8 +54,7 @@ class HungUpCall(Call):
         bridges, so none left means no bridge ran (the group had no members). Who answered is the other
         leg's destination number (`user/agent1` rings user agent1), if it is an endpoint name."""
         ev = self.event
-        disposition = ev.var("originate_disposition") or ev.var("DIALSTATUS") or ""
-        status = DISPOSITION.get(disposition, DialStatus.FAILED)
+        disposition, status = bridge_status(ev)
         if status != DialStatus.ANSWERED:
             return DialResult(status, None, 0.0, disposition)
         other = ev.get("Other-Leg-Destination-Number")
@@ -64,7 +63,7 @@ class HungUpCall(Call):
     async def get_var(self, name: str) -> str | None:
         return self.event.var(name)
 
-    async def _gone(self, *_args, **_kwargs):
+    async def _gone(self):
         raise CallEnded(f"{self.info.uniqueid} has hung up: this is its hangup report")
 
     async def answer(self) -> None:

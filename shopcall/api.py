@@ -119,9 +119,9 @@ def _peer(request: web.Request) -> str:
     return str(peer[0]) if peer else ""
 
 
-def _too_many(message: str, wait: float, detail: dict | None = None) -> ApiError:
+def _too_many(message: str, wait: float) -> ApiError:
     after = retry_after(wait)
-    return ApiError(429, message, {**(detail or {}), "retry_after": int(after)}, {"Retry-After": after})
+    return ApiError(429, message, {"retry_after": int(after)}, {"Retry-After": after})
 
 
 @web.middleware

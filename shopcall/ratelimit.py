@@ -25,12 +25,13 @@ class Buckets:
         tokens, at = self._buckets.get(key, (self.burst, now))
         return min(self.burst, tokens + (now - at) * self.rate)
 
+    def _short(self, level: float) -> float:
+        """Seconds until a bucket at `level` holds a whole token (0: it does)."""
+        return 0.0 if level >= 1 else (1 - level) / self.rate
+
     def wait(self, key: Hashable) -> float:
         """Seconds until `key` has a token (0: it has one now); takes nothing."""
-        if not self.enabled:
-            return 0.0
-        level = self._level(key, self.clock())
-        return 0.0 if level >= 1 else (1 - level) / self.rate
+        return self._short(self._level(key, self.clock())) if self.enabled else 0.0
 
     def take(self, key: Hashable) -> float:
         """Take a token if there is one and return 0; else take nothing and return the seconds to wait."""
@@ -38,8 +39,8 @@ class Buckets:
             return 0.0
         now = self.clock()
         level = self._level(key, now)
-        if level < 1:
-            return (1 - level) / self.rate
+        if wait := self._short(level):
+            return wait
         if key not in self._buckets and len(self._buckets) >= self.max_keys:
             self._forget_full(now)
         self._buckets[key] = (level - 1, now)
