@@ -9,15 +9,18 @@ the normal path (STREAM FILE played to the end, Dial answered by agent1 after 1 
 runs the flow's whole path: the same commands, the same four statements. The generator runs in its own
 process and is not counted; shopcall's and PostgreSQL's CPU are read from /proc.
 
-    .venv/bin/python bench/flow_cpu.py [--calls 3000] [--rate 200] [--rounds 3]
+    .venv/bin/python bench/flow_cpu.py [--calls 3000] [--rate 200] [--rounds 3] [--compare-group-cache]
 
 Prints, for each round, CPU ms per call of shopcall and PostgreSQL, and commands and statements per call.
+--compare-group-cache runs a second service with database.cache_groups = false (its own PostgreSQL) and
+alternates the rounds between the two, so the saving of the group cache is read side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import statistics
 import sys
@@ -92,38 +95,57 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--rate", type=float, default=200.0, help="calls started per second")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compare-group-cache", action="store_true",
+                    help="also a service without the group cache, rounds alternating")
     args = ap.parse_args()
 
-    with shopcall_service("shopcall-flow-cpu-") as svc:
-        ctx = multiprocessing.get_context("spawn")
-        warm = ctx.Queue()
-        p = ctx.Process(target=run_generator, args=(svc.app.port, 200, args.rate, warm))
-        p.start()  # a warm-up: prompts, pool connections, prepared statements
-        warm.get()
-        p.join()
-        per_call: dict[str, list[float]] = {"shopcall": [], "postgres": []}
+    with contextlib.ExitStack() as stack:
+        sides = {"cache on": stack.enter_context(shopcall_service("shopcall-flow-cpu-"))}
+        if args.compare_group_cache:
+            sides["cache off"] = stack.enter_context(
+                shopcall_service("shopcall-flow-cpu-nocache-", database="cache_groups = false"))
+        for svc in sides.values():
+            run_calls(svc.app.port, 200, args.rate)  # a warm-up: prompts, pool connections, prepared statements
+        per_call = {side: {"shopcall": [], "postgres": []} for side in sides}
         for rnd in range(1, args.rounds + 1):
-            out = ctx.Queue()
-            gen = ctx.Process(target=run_generator, args=(svc.app.port, args.calls, args.rate, out))
-            before, s0 = procstat.snapshot(), transactions(svc.url)
-            gen.start()
-            done, commands, wall = out.get()
-            gen.join()
-            after, s1 = procstat.snapshot(), transactions(svc.url)
-            cpu = procstat.used(before, after)
-            for k in per_call:
-                per_call[k].append(1000 * cpu[k] / max(done, 1))
-            print(f"round {rnd}: {done} calls in {wall:.1f} s ({done / wall:.0f}/s) | CPU per call: shopcall "
-                  f"{per_call['shopcall'][-1]:.2f} ms, PostgreSQL {per_call['postgres'][-1]:.2f} ms | "
-                  f"{commands / max(done, 1):.1f} AGI commands, {(s1 - s0 - 1) / max(done, 1):.1f} "
-                  f"transactions per call", flush=True)
-            if done != args.calls:
-                print(f"FAIL: {args.calls - done} calls did not complete")
-                return 1
-        med = {k: statistics.median(v) for k, v in per_call.items()}
-        print(f"median CPU per call: shopcall {med['shopcall']:.2f} ms, PostgreSQL {med['postgres']:.2f} ms, "
-              f"together {med['shopcall'] + med['postgres']:.2f} ms")
+            for side, svc in sides.items():
+                before, s0 = procstat.snapshot(), transactions(svc.url)
+                done, commands, wall = run_calls(svc.app.port, args.calls, args.rate)
+                after, s1 = procstat.snapshot(), transactions(svc.url)
+                cpu = procstat.used(before, after)
+                got = per_call[side]
+                for k in got:
+                    got[k].append(1000 * cpu[k] / max(done, 1))
+                label = f" [{side}]" if len(sides) > 1 else ""
+                print(f"round {rnd}{label}: {done} calls in {wall:.1f} s ({done / wall:.0f}/s) | CPU per call: "
+                      f"shopcall {got['shopcall'][-1]:.2f} ms, PostgreSQL {got['postgres'][-1]:.2f} ms | "
+                      f"{commands / max(done, 1):.1f} AGI commands, {(s1 - s0 - 1) / max(done, 1):.1f} "
+                      f"transactions per call", flush=True)
+                if done != args.calls:
+                    print(f"FAIL: {args.calls - done} calls did not complete")
+                    return 1
+        med = {side: {k: statistics.median(v) for k, v in got.items()} for side, got in per_call.items()}
+        for side, m in med.items():
+            label = f" [{side}]" if len(sides) > 1 else ""
+            print(f"median CPU per call{label}: shopcall {m['shopcall']:.2f} ms, PostgreSQL {m['postgres']:.2f} ms, "
+                  f"together {m['shopcall'] + m['postgres']:.2f} ms")
+        if len(sides) > 1:
+            on, off = med["cache on"], med["cache off"]
+            print("cache on / cache off: " + ", ".join(
+                f"{k} {on[k] / off[k]:.2f}" for k in ("shopcall", "postgres")) +
+                f", together {(on['shopcall'] + on['postgres']) / (off['shopcall'] + off['postgres']):.2f}")
     return 0
+
+
+def run_calls(port: int, calls: int, rate: float) -> tuple[int, int, float]:
+    """The generator in its own process, so its CPU is not counted as ours."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    gen = ctx.Process(target=run_generator, args=(port, calls, rate, out))
+    gen.start()
+    result = out.get()
+    gen.join()
+    return result
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ class Service:
 
 
 @contextlib.contextmanager
-def shopcall_service(prefix: str, *, shop: str = "Bench", sections: str = "") -> Iterator[Service]:
-    """Start PostgreSQL and `shopcall serve` (which builds every prompt before it listens); stop both after."""
+def shopcall_service(prefix: str, *, shop: str = "Bench", sections: str = "", database: str = "") -> Iterator[Service]:
+    """Start PostgreSQL and `shopcall serve` (which builds every prompt before it listens); stop both after.
+    `database`: more lines of its [database] table, `sections`: more tables."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     data = work / "shopcall"
     data.mkdir()
@@ -58,6 +59,7 @@ data_dir = "{data}"
 [database]
 url = "{url}"
 pool_max = 10
+{database}
 [agi]
 port = {agi_port}
 backlog = 4096

@@ -216,6 +216,8 @@ class DatabaseConfig:
     pool_min: int = _number(1, int, lo=1)
     pool_max: int = _number(10, int, lo=1)
     connect_timeout: float = _number(5.0, float)
+    # groups and their available members kept in memory while PostgreSQL notifies us of their changes
+    cache_groups: bool = _setting(True, bool, "true or false")
 
     @property
     def embedded(self) -> bool:

@@ -10,6 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from shopcall.batch import Batcher
 from shopcall.call import DialStrategy
+from shopcall.group_cache import GroupCache, is_absent
 from shopcall.hours import Schedule
 
 log = logging.getLogger("shopcall.directory")
@@ -145,6 +146,7 @@ class Directory:
         # tenth of a routing request's CPU, and a shop has a handful of schedules that rarely change
         self._schedules: dict[tuple, Schedule] = {}
         self._lookups: Batcher[tuple[str, str | None], dict] = Batcher(self._lookup_rows)  # a burst of calls: one query
+        self.group_cache = GroupCache()  # used while group_cache.watch() listens (shopcall serve starts it)
 
     def _schedule(self, row: Mapping) -> Schedule:
         if not row["schedule_row"]:
@@ -258,7 +260,17 @@ class Directory:
         return (row["logged_in"], row["paused"]) if row else None
 
     async def group(self, name: str) -> Group | None:
-        """The group and its members who can take a call now, in ringing order, in one query."""
+        """The group and its members who can take a call now, in ringing order: kept in memory while the
+        database tells us of every change (shopcall/group_cache.py), else one query."""
+        cached = self.group_cache.get(name)
+        if not is_absent(cached):
+            return cached
+        generation = self.group_cache.generation
+        group = await self._query_group(name)
+        self.group_cache.put(name, group, generation)
+        return group
+
+    async def _query_group(self, name: str) -> Group | None:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 """

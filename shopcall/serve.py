@@ -53,7 +53,7 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         if part not in AVAILABLE:
             raise PartUnavailable(f"--only {part}: this part is not built yet (available: {', '.join(AVAILABLE)})")
 
-    _, pool = await open_database(config)
+    url, pool = await open_database(config)
     app = App.build(config, pool)
     summary = await app.prompts.build_all()
     log.info("prompts ready: %s", summary)
@@ -86,6 +86,12 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         asyncio.create_task(mailer.run_forever(pool, config), name="mail-outbox"),
         asyncio.create_task(_every(30, voicemail.replay_spool, pool, config), name="voicemail-spool-replay"),
     ]
+    if {"agi", "esl"} & set(parts) and config.database.cache_groups:  # the calls' processes ask for groups
+        from shopcall.group_cache import watch
+
+        background.append(asyncio.create_task(
+            watch(app.directory.group_cache, url, connect_timeout=config.database.connect_timeout),
+            name="group-cache"))
     if "agi" in parts:  # callback requests are offered through Asterisk's AMI (needs asterisk.ami_secret)
         from shopcall import callbacks
 
