@@ -6,7 +6,7 @@ Here a generator plays Asterisk's part of the same call to a real `shopcall serv
 number 710 of bench/pbx_service.py: greeting, office hours, group sales, "connecting", Dial, the calls row):
 one FastAGI connection per call, the agi_* header block, and to each command the reply Asterisk gives on
 the normal path (STREAM FILE played to the end, Dial answered by agent1 after 1 s of talk), so every call
-runs the flow's whole path: the same commands, the same four statements. The generator runs in its own
+runs the flow's whole path: the same commands and statements as a real call. The generator runs in its own
 process and is not counted; shopcall's and PostgreSQL's CPU are read from /proc.
 
     .venv/bin/python bench/flow_cpu.py [--calls 3000] [--rate 200] [--rounds 3] [--compare-group-cache]
