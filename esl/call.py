@@ -29,6 +29,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import date, datetime
 from datetime import time as dt_time
 from decimal import ROUND_HALF_UP, Decimal
@@ -49,6 +50,7 @@ from shopcall.call import (
     PbxError,
     RecordResult,
     SoundSource,
+    check_number,
 )
 from shopcall.prompts import CUSTOM_EXTS, sound_seconds
 from shopcall.tts import with_ext
@@ -106,6 +108,7 @@ class EslCall(Call):
         sounds: SoundSource,
         *,
         endpoint_template: str = "user/{endpoint}",
+        trunk_template: str = "sofia/gateway/trunk/{number}",
         pbx_path: Callable[[Path], str] = str,
         max_call_seconds: int = 14400,
         say: str = "tts",
@@ -115,6 +118,7 @@ class EslCall(Call):
         super().__init__(info, sounds)
         self.session = session
         self.endpoint_template = endpoint_template
+        self.trunk_template = trunk_template  # freeswitch.trunk_template: a customer's number via the gateway
         self.pbx_path = pbx_path  # our path of a file -> the path FreeSWITCH sees
         self.max_call_seconds = max_call_seconds
         self.say_engine = say  # freeswitch.say: "tts" (the shared prompts) or "mod_say"
@@ -263,9 +267,7 @@ class EslCall(Call):
     async def ring(
         self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None
     ) -> DialResult:
-        await self._ensure("continue_on_fail", "true")  # a failed bridge must not hang up the caller
-        await self._ensure("hangup_after_bridge", "false")  # agent hangs up -> back to the flow
-        await self._ensure("ringback", RINGBACK)
+        await self._prepare_bridge()
         if caller_name is not None:
             await self._ensure("effective_caller_id_name", protocol.app_text(caller_name))
         legs = {str(uuid.uuid4()): n for n in names}
@@ -275,10 +277,26 @@ class EslCall(Call):
         else:  # hunt: one after another, each for the timeout
             await self._ensure("call_timeout", str(int(timeout) * len(names)))
             target = "|".join(self._leg(u, n, leg_timeout=int(timeout)) for u, n in legs.items())
+        return await self._bridge(target, legs, ring_seconds=timeout * len(names))
+
+    async def dial_number(self, number: str, *, timeout: int = 30) -> DialResult:
+        await self._prepare_bridge()
+        await self._ensure("call_timeout", str(int(timeout)))
+        leg = str(uuid.uuid4())
+        target = f"[origination_uuid={leg}]" + self.trunk_template.format(number=check_number(number))
+        result = await self._bridge(target, {leg: number}, ring_seconds=timeout)
+        return replace(result, answered_endpoint=None)  # an outside number is nobody's endpoint
+
+    async def _prepare_bridge(self) -> None:
+        await self._ensure("continue_on_fail", "true")  # a failed bridge must not hang up the caller
+        await self._ensure("hangup_after_bridge", "false")  # the other side hangs up -> back to the flow
+        await self._ensure("ringback", RINGBACK)
+
+    async def _bridge(self, target: str, legs: dict[str, str], *, ring_seconds: int) -> DialResult:
         started = time.monotonic()
         ev = await self.session.execute(
             "bridge", "{ignore_early_media=true}" + target,
-            timeout=timeout * len(names) + self.max_call_seconds + self._slack,
+            timeout=ring_seconds + self.max_call_seconds + self._slack,
         )
         result = self._dial_result(ev, legs)
         log.info("%s: bridge %s -> %s %s (%.1f s)", self.info.uniqueid, target, result.detail,

@@ -17,7 +17,7 @@ from shopcall.config import Config
 from shopcall.dialler import DialOutcome, OutcomeUnknown
 
 # hangup causes of a failed originate → our outcome
-_CAUSE_OUTCOME = {
+CAUSE_OUTCOME = {
     "USER_BUSY": "busy", "CALL_REJECTED": "busy",
     "NO_ANSWER": "no_answer", "NO_USER_RESPONSE": "no_answer", "ORIGINATOR_CANCEL": "no_answer",
     "ALLOTTED_TIMEOUT": "no_answer", "PROGRESS_TIMEOUT": "no_answer",
@@ -46,7 +46,7 @@ class FreeswitchOriginator:
             raise OutcomeUnknown(str(exc)) from exc
         if result.ok:
             return DialOutcome("answered", result.reply)
-        return DialOutcome(_CAUSE_OUTCOME.get(result.cause, "failed"), result.cause)
+        return DialOutcome(CAUSE_OUTCOME.get(result.cause, "failed"), result.cause)
 
     async def exists(self, uniqueid: str) -> bool:
         try:

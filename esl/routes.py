@@ -37,8 +37,9 @@ def call_info(channel: Event, flow: str) -> CallInfo:
         caller_name="" if name in _NO_VALUE else name,
         dialled_number=dialled,
         channel=channel.get("Channel-Name"),
-        # a registered phone of ours (an agent's, dialling a feature code) is authenticated as a user
-        caller_endpoint=channel.var("user_name") or "",
+        # a registered phone of ours (an agent's, dialling a feature code) is authenticated as a user; an
+        # agent's phone we rang (a callback, esl/agent_phones.py) is the user dialled
+        caller_endpoint=channel.var("user_name") or channel.var("dialed_user") or "",
         created_at=created_at(channel),
         language=channel.var("shopcall_language") or channel.var("default_language") or "ru",
         script=flow,
@@ -66,6 +67,7 @@ def esl_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
                 call_info(channel, name),
                 app.prompts,
                 endpoint_template=config.freeswitch.endpoint_template,
+                trunk_template=config.freeswitch.trunk_template,
                 pbx_path=to_pbx,
                 max_call_seconds=config.agi.max_call_seconds,
                 say=config.freeswitch.say,

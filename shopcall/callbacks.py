@@ -1,5 +1,10 @@
-"""Offering callback requests to agents: ring a free agent first (AMI Originate), then the callback flow
+"""Offering callback requests to agents: ring a free agent first, then the callback flow
 (shopcall/flows/callback.py) dials the customer on the agent's answered leg.
+
+The PBX's part is an `AgentPhones`: is an agent's phone free, and ring it into the callback flow.
+Asterisk's (agi/agent_phones.py) asks AMI for the device state and Originates into [<prefix>-callback];
+FreeSWITCH's (esl/agent_phones.py) reads `show channels` and originates into the robot context's
+`callback` extension over the inbound event socket. Which one a process uses is `callbacks.pbx`.
 
 Life of a request: pending --claim--> in_progress --agent answers--> (flow) done | pending | failed
                                                   --agent does not--> pending (due later) | failed
@@ -18,25 +23,26 @@ from typing import Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
-from agi.ami import AmiClient, AmiConnectionLost, AmiError, AmiTimeout, OriginateResult
-from shopcall.backoff import keep_trying
-from shopcall.call import check_endpoint, presentable
+from shopcall.call import PbxError
 from shopcall.config import Config
+from shopcall.dialler import DialOutcome, OutcomeUnknown
 
 log = logging.getLogger("shopcall.callbacks")
 
-FREE_STATES = frozenset({"NOT_INUSE"})
 RING_GRACE_SECONDS = 60  # after the agent's ring time, an Originate has surely given up
 
 
-class Ami(Protocol):
-    """The part of agi.ami.AmiClient the worker uses (a fake in tests)."""
+class AgentPhones(Protocol):
+    """A PBX's part of offering a callback."""
 
-    async def device_state(self, device: str) -> str: ...
+    async def is_free(self, endpoint: str) -> bool:
+        """Whether the agent's phone is idle; PbxError or ValueError when the PBX cannot tell."""
+        ...
 
-    async def originate(self, channel: str, *, context: str, exten: str = "s", priority: int = 1,
-                        ring_seconds: int = 20, variables: dict[str, object] | None = None,
-                        caller_id: str | None = None, timeout: float | None = None) -> OriginateResult: ...
+    async def ring(self, endpoint: str, *, request_id: int, phone: str, ring_seconds: int) -> DialOutcome:
+        """Ring the agent; once answered the PBX runs the callback flow with the request's id. Raises
+        OutcomeUnknown when the phone may be ringing (never re-send), PbxError/ValueError when refused."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -72,11 +78,7 @@ ORDER BY (gm.group_id IS NULL), gm.position, e.last_call_at NULLS FIRST, e.id
 _AGENT_BUSY = "SELECT 1 FROM callback_requests WHERE status = 'in_progress' AND agent_endpoint = %s"
 
 
-def device_for(config: Config, endpoint: str) -> str:
-    return config.asterisk.endpoint_template.format(endpoint=check_endpoint(endpoint))
-
-
-async def claim(pool: AsyncConnectionPool, config: Config, ami: Ami, *, exclude: list[int] | None = None
+async def claim(pool: AsyncConnectionPool, phones: AgentPhones, *, exclude: list[int] | None = None
                 ) -> Offer | None:
     """Take the oldest due request and a free agent for it; None when there is no request or no agent."""
     skipped = list(exclude or [])
@@ -94,11 +96,10 @@ async def claim(pool: AsyncConnectionPool, config: Config, ami: Ami, *, exclude:
             if await (await conn.execute(_AGENT_BUSY, (endpoint,))).fetchone():
                 continue
             try:
-                state = await ami.device_state(device_for(config, endpoint))
-            except (AmiError, ValueError) as exc:
-                log.warning("device state of %s unknown (%s): not offering", endpoint, exc)
-                continue
-            if state not in FREE_STATES:
+                if not await phones.is_free(endpoint):
+                    continue
+            except (PbxError, ValueError) as exc:
+                log.warning("whether %s is free is unknown (%s): not offering", endpoint, exc)
                 continue
             upd = await (await conn.execute(
                 """UPDATE callback_requests SET status = 'in_progress', attempts = attempts + 1,
@@ -109,28 +110,22 @@ async def claim(pool: AsyncConnectionPool, config: Config, ami: Ami, *, exclude:
     return None
 
 
-async def dial(pool: AsyncConnectionPool, config: Config, ami: Ami, offer: Offer) -> str:
+async def dial(pool: AsyncConnectionPool, config: Config, phones: AgentPhones, offer: Offer) -> str:
     """Ring the agent; on answer the dialplan runs the callback flow, which owns the request from then on.
     Returns the outcome: answered, no_answer/busy/failed/… (released), or unknown (left for reconcile)."""
-    cb = config.callbacks
     try:
-        result = await ami.originate(
-            device_for(config, offer.endpoint),
-            context=f"{config.asterisk.context_prefix}-callback", exten="s",
-            ring_seconds=cb.agent_ring_seconds,
-            variables={"SHOPCALL_CALLBACK_ID": offer.request_id},
-            caller_id=f'"{presentable("Callback " + offer.phone).replace(chr(34), "")}" <{offer.phone}>',
-        )
-    except (AmiConnectionLost, AmiTimeout) as exc:
+        result = await phones.ring(offer.endpoint, request_id=offer.request_id, phone=offer.phone,
+                                   ring_seconds=config.callbacks.agent_ring_seconds)
+    except OutcomeUnknown as exc:
         # the agent's phone may be ringing right now: re-dialling would double-ring. If the agent answers,
         # the flow takes over; otherwise reconcile() gives the request back after the ring time.
         log.warning("callback %s: originate outcome unknown (%s); left in progress", offer.request_id, exc)
         return "unknown"
-    except (AmiError, ValueError) as exc:
+    except (PbxError, ValueError) as exc:
         log.error("callback %s: originate refused: %s", offer.request_id, exc)
         await release(pool, config, offer.request_id, "originate_error", attempt=offer.attempt)
         return "originate_error"
-    if result.success:
+    if result.outcome == "answered":
         # connected_at is left to the flow: if our AGI server is down when the agent answers, the request
         # is given back after the ring time instead of waiting for the longest call
         async with pool.connection() as conn:
@@ -140,22 +135,23 @@ async def dial(pool: AsyncConnectionPool, config: Config, ami: Ami, offer: Offer
                 (offer.request_id, offer.attempt))
         log.info("callback %s: agent %s answered", offer.request_id, offer.endpoint)
         return "answered"
-    status = await release(pool, config, offer.request_id, f"agent_{result.reason_text}", attempt=offer.attempt)
-    log.info("callback %s: agent %s %s %s → %s", offer.request_id, offer.endpoint, result.reason_text,
-             result.message, status)
-    return result.reason_text
+    status = await release(pool, config, offer.request_id, f"agent_{result.outcome}", attempt=offer.attempt)
+    log.info("callback %s: agent %s %s %s → %s", offer.request_id, offer.endpoint, result.outcome,
+             result.detail, status)
+    return result.outcome
 
 
-async def offer_due(pool: AsyncConnectionPool, config: Config, ami: Ami, *, limit: int = 20) -> list[Offer]:
+async def offer_due(pool: AsyncConnectionPool, config: Config, phones: AgentPhones, *, limit: int = 20
+                    ) -> list[Offer]:
     """Claim due requests while free agents last, ring them all at once, and wait for every outcome."""
     offers: list[Offer] = []
     while len(offers) < limit:
-        offer = await claim(pool, config, ami, exclude=[o.request_id for o in offers])
+        offer = await claim(pool, phones, exclude=[o.request_id for o in offers])
         if offer is None:
             break  # any free agent may take any request: none free for this one means none for the rest
         offers.append(offer)
     if offers:
-        await asyncio.gather(*(dial(pool, config, ami, o) for o in offers))
+        await asyncio.gather(*(dial(pool, config, phones, o) for o in offers))
     return offers
 
 
@@ -225,7 +221,7 @@ async def reconcile(pool: AsyncConnectionPool, config: Config, *, ring_grace: fl
     return ids
 
 
-async def run_forever(pool: AsyncConnectionPool, config: Config, ami: Ami) -> None:
+async def run_forever(pool: AsyncConnectionPool, config: Config, phones: AgentPhones) -> None:
     """Every poll_seconds: reconcile, then offer due requests. Rounds overlap (an agent ringing for 20 s
     does not hold back the others); claims keep them apart."""
     rounds: set[asyncio.Task] = set()
@@ -234,7 +230,7 @@ async def run_forever(pool: AsyncConnectionPool, config: Config, ami: Ami) -> No
             try:
                 await reconcile(pool, config)
                 if len(rounds) < 10:
-                    task = asyncio.create_task(offer_due(pool, config, ami), name="callback-offers")
+                    task = asyncio.create_task(offer_due(pool, config, phones), name="callback-offers")
                     rounds.add(task)
                     task.add_done_callback(_round_done(rounds))
             except Exception:
@@ -251,18 +247,3 @@ def _round_done(rounds: set[asyncio.Task]):
         if not task.cancelled() and task.exception() is not None:
             log.error("callback offers failed", exc_info=task.exception())
     return done
-
-
-async def serve_callbacks(pool: AsyncConnectionPool, config: Config) -> None:
-    """The entry point for `shopcall serve`: connect to AMI (retrying), then run the worker until cancelled."""
-    ast = config.asterisk
-    if not config.callbacks.enabled or not ast.ami_secret:
-        log.info("callback worker off (callbacks.enabled=%s, asterisk.ami_secret %s)",
-                 config.callbacks.enabled, "set" if ast.ami_secret else "empty")
-        return
-    ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
-    await keep_trying(ami.connect, f"AMI at {ast.ami_host}:{ast.ami_port}", (OSError, TimeoutError, AmiError))
-    try:
-        await run_forever(pool, config, ami)
-    finally:
-        await ami.close()

@@ -256,7 +256,7 @@ class AsteriskConfig:
     ami_host: str = _setting("127.0.0.1", str, "a non-empty host", _nonempty)
     ami_port: int = _number(5038, int, lo=1, hi=65535)
     ami_user: str = _setting("shopcall", str, "a string")
-    ami_secret: str = _setting("", str, "a string", repr=False)  # empty: no AMI, callbacks are not dialled
+    ami_secret: str = _setting("", str, "a string", repr=False)  # empty: no AMI (no callbacks through Asterisk)
     # dial string for a customer's number through your trunk
     trunk_template: str = _setting(
         "PJSIP/{number}@trunk", str, 'a string containing "{number}"', lambda v: None if "{number}" in v
@@ -337,6 +337,10 @@ class CallbacksConfig:
     """Callback requests offered to agents: the agent's phone rings first, then the customer is dialled."""
 
     enabled: bool = _setting(True, bool, "true or false")
+    # where agents' phones are: "asterisk" (AMI, needs asterisk.ami_secret), "freeswitch" (the inbound event
+    # socket, freeswitch.esl_*), "auto" = the PBX whose calls this process serves (Asterisk when it serves
+    # both and asterisk.ami_secret is set)
+    pbx: str = _setting("auto", str, "one of auto, asterisk, freeswitch", _one_of(("auto", "asterisk", "freeswitch")))
     poll_seconds: float = _number(5.0, float)
     agent_ring_seconds: int = _number(20, int, lo=1)
     customer_ring_seconds: int = _number(30, int, lo=1)

@@ -92,10 +92,9 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         background.append(asyncio.create_task(
             watch(app.directory.group_cache, url, connect_timeout=config.database.connect_timeout),
             name="group-cache"))
-    if "agi" in parts:  # callback requests are offered through Asterisk's AMI (needs asterisk.ami_secret)
-        from shopcall import callbacks
-
-        background.append(asyncio.create_task(callbacks.serve_callbacks(pool, config), name="callback-worker"))
+    pbx = callback_pbx(config, parts)
+    if pbx:  # callback requests are offered to agents of the PBX whose calls this process serves
+        background.append(asyncio.create_task(serve_callbacks(pool, config, pbx), name="callback-worker"))
     if "esl" in parts and config.freeswitch.report_fallback:
         from esl.hangup_report import FLOW, serve_fallback_reports
 
@@ -135,11 +134,74 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         await pool.close()
 
 
+def callback_pbx(config: Config, parts: list[str] | tuple[str, ...]) -> str | None:
+    """Where this process rings agents for callback requests (callbacks.pbx), None when it serves no calls."""
+    pbx = config.callbacks.pbx
+    if pbx != "auto":
+        return pbx if {"agi", "esl"} & set(parts) else None
+    fs = config.freeswitch
+    if "agi" in parts and config.asterisk.ami_secret:
+        return "asterisk"
+    # FreeSWITCH's event socket is in use when only its calls are served or another part already talks to it
+    if "esl" in parts and ("agi" not in parts or fs.dialler_enabled or fs.report_fallback):
+        return "freeswitch"
+    return "asterisk" if "agi" in parts else None  # which says, once, that asterisk.ami_secret is empty
+
+
+async def _ami(config: Config, purpose: str):
+    from agi.ami import AmiClient, AmiError
+    from shopcall.backoff import keep_trying
+
+    ast = config.asterisk
+    ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+    await keep_trying(ami.connect, f"{purpose}: AMI at {ast.ami_host}:{ast.ami_port}", (OSError, TimeoutError, AmiError))
+    return ami
+
+
+async def _event_socket(config: Config, purpose: str):
+    from esl.client import EslClient
+    from shopcall.backoff import keep_trying
+    from shopcall.call import PbxError
+
+    fs = config.freeswitch
+    client = EslClient(fs.esl_host, fs.esl_port, fs.esl_password, command_timeout=config.esl.command_timeout)
+    await keep_trying(client.start, f"{purpose}: FreeSWITCH event socket at {fs.esl_host}:{fs.esl_port}",
+                      (OSError, TimeoutError, PbxError))
+    return client
+
+
+async def serve_callbacks(pool, config: Config, pbx: str) -> None:
+    """The callback worker (shopcall/callbacks.py) with the agents' PBX: Asterisk through AMI (needs
+    asterisk.ami_secret), FreeSWITCH through its inbound event socket."""
+    from shopcall import callbacks
+
+    if not config.callbacks.enabled:
+        log.info("callback worker off (callbacks.enabled = false)")
+        return
+    if pbx == "asterisk":
+        if not config.asterisk.ami_secret:
+            log.info("callback worker off: asterisk.ami_secret is empty (or set callbacks.pbx = \"freeswitch\")")
+            return
+        from agi.agent_phones import AsteriskAgentPhones
+
+        link = await _ami(config, "callbacks")
+        phones = AsteriskAgentPhones(link, config)
+    else:
+        from esl.agent_phones import FreeswitchAgentPhones
+
+        link = await _event_socket(config, "callbacks")
+        phones = FreeswitchAgentPhones(link, config)
+    log.info("callback worker on: agents' phones on %s", pbx)
+    try:
+        await callbacks.run_forever(pool, config, phones)
+    finally:
+        await link.close()
+
+
 async def serve_dialler(pool, config: Config) -> None:
     """The dialler, with a connection to each PBX that is configured: Asterisk through AMI (needs
     asterisk.ami_secret), FreeSWITCH through its inbound event socket (freeswitch.dialler_enabled).
     A campaign names its PBX (campaigns.pbx)."""
-    from shopcall.backoff import keep_trying
     from shopcall.dialler import Dialler
 
     if not config.dialler.enabled:
@@ -147,24 +209,16 @@ async def serve_dialler(pool, config: Config) -> None:
         return
     originators: dict = {}
     closers = []
-    ast = config.asterisk
-    if ast.ami_secret:
-        from agi.ami import AmiClient, AmiError
+    if config.asterisk.ami_secret:
         from agi.originator import AsteriskOriginator
 
-        ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
-        await keep_trying(ami.connect, f"dialler: AMI at {ast.ami_host}:{ast.ami_port}", (OSError, TimeoutError, AmiError))
+        ami = await _ami(config, "dialler")
         originators["asterisk"] = AsteriskOriginator(ami, config)
         closers.append(ami.close)
-    fs = config.freeswitch
-    if fs.dialler_enabled:
-        from esl.client import EslClient
+    if config.freeswitch.dialler_enabled:
         from esl.originator import FreeswitchOriginator
-        from shopcall.call import PbxError
 
-        client = EslClient(fs.esl_host, fs.esl_port, fs.esl_password, command_timeout=config.esl.command_timeout)
-        await keep_trying(client.start, f"dialler: FreeSWITCH event socket at {fs.esl_host}:{fs.esl_port}",
-                       (OSError, TimeoutError, PbxError))
+        client = await _event_socket(config, "dialler")
         originators["freeswitch"] = FreeswitchOriginator(client, config)
         closers.append(client.close)
     if not originators:

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from agi.agent_phones import AsteriskAgentPhones
 from agi.ami import AmiConnectionLost, OriginateResult
 from shopcall import callbacks
 from shopcall.app import App
 from shopcall.call import CallEnded, CallInfo, DialResult, DialStatus
 from shopcall.calllog import CallLog
-from shopcall.config import CallbacksConfig, Config
+from shopcall.config import AsteriskConfig, CallbacksConfig, Config, FreeswitchConfig
 from shopcall.directory import Directory, Menu
 from shopcall.flows.callback import callback as callback_flow
 from shopcall.loader import load, read
+from shopcall.serve import callback_pbx, serve_callbacks
 from tests.scripted import PromptNames, ScriptedCall
 
 DIRECTORY = Path(__file__).parent / "data" / "directory.toml"
@@ -50,6 +52,10 @@ class FakeAmi:
         return self.result
 
 
+def asterisk(ami: FakeAmi) -> AsteriskAgentPhones:
+    return AsteriskAgentPhones(ami, Config.default())  # type: ignore[arg-type]
+
+
 @pytest.fixture
 async def loaded(conn):
     await load(conn, read(DIRECTORY))
@@ -71,7 +77,7 @@ async def request(conn, rid: int) -> dict:
 async def test_group_member_first_and_request_settled_by_agent_answer(loaded, pool):
     rid = await add_request(loaded)
     ami = FakeAmi(states={"PJSIP/agent2": "INUSE"})  # agent2 (delivery) is on a call: agent3 gets it
-    [offer] = await callbacks.offer_due(pool, make_config(), ami)
+    [offer] = await callbacks.offer_due(pool, make_config(), asterisk(ami))
     assert (offer.request_id, offer.endpoint, offer.attempt) == (rid, "agent3", 1)
     [o] = ami.originated
     assert (o["channel"], o["context"], o["exten"], o["ring_seconds"]) == ("PJSIP/agent3", "shopcall-callback", "s", 20)
@@ -84,20 +90,20 @@ async def test_group_member_first_and_request_settled_by_agent_answer(loaded, po
 async def test_any_free_agent_when_the_group_is_busy_and_none_when_all_are(loaded, pool):
     rid = await add_request(loaded)
     busy = {f"PJSIP/agent{i}": "INUSE" for i in (2, 3)}
-    [offer] = await callbacks.offer_due(pool, make_config(), FakeAmi(states=busy | {"PJSIP/agent1": "RINGING"}))
+    [offer] = await callbacks.offer_due(pool, make_config(), asterisk(FakeAmi(states=busy | {"PJSIP/agent1": "RINGING"})))
     assert offer.endpoint == "agent4"
     await loaded.execute("UPDATE callback_requests SET status = 'pending' WHERE id = %s", (rid,))
     await loaded.execute("UPDATE employees SET paused = true WHERE endpoint = 'agent4'")
     ami = FakeAmi(states=busy)
     await loaded.execute("UPDATE employees SET logged_in = false WHERE endpoint = 'agent1'")
-    assert await callbacks.offer_due(pool, make_config(), ami) == []
+    assert await callbacks.offer_due(pool, make_config(), asterisk(ami)) == []
     assert ami.originated == [] and (await request(loaded, rid))["status"] == "pending"
 
 
 async def test_concurrent_workers_never_dial_one_request_twice(loaded, pool):
     ids = [await add_request(loaded, phone=f"+7916000000{i}") for i in range(3)]
     ami = FakeAmi(delay=0.05)
-    rounds = await asyncio.gather(*(callbacks.offer_due(pool, make_config(), ami) for _ in range(4)))
+    rounds = await asyncio.gather(*(callbacks.offer_due(pool, make_config(), asterisk(ami)) for _ in range(4)))
     offered = [o.request_id for r in rounds for o in r]
     assert sorted(offered) == ids  # each once, whichever worker took it
     assert len(ami.originated) == 3
@@ -105,7 +111,7 @@ async def test_concurrent_workers_never_dial_one_request_twice(loaded, pool):
     assert len(set(agents)) == 3  # and never two callbacks to one agent at once
     # the agents are still on those callbacks: a second pass finds nothing to do for them
     await add_request(loaded, phone="+79160000009")
-    again = await callbacks.offer_due(pool, make_config(), FakeAmi())
+    again = await callbacks.offer_due(pool, make_config(), asterisk(FakeAmi()))
     assert [o.endpoint for o in again] == [
         e for e in ("agent1", "agent2", "agent3", "agent4") if f"PJSIP/{e}" not in agents]
 
@@ -114,16 +120,16 @@ async def test_no_answer_retries_later_then_fails_after_max_attempts(loaded, poo
     rid = await add_request(loaded)
     config = make_config(max_attempts=2, retry_minutes=15)
     ami = FakeAmi(result=OriginateResult(False, 3))
-    await callbacks.offer_due(pool, config, ami)
+    await callbacks.offer_due(pool, config, asterisk(ami))
     row = await request(loaded, rid)
     assert (row["status"], row["attempts"], row["last_result"], row["agent_endpoint"]) == (
         "pending", 1, "agent_no_answer", None)
     wait = (await (await loaded.execute("SELECT due_at - now() AS d FROM callback_requests WHERE id = %s",
                                         (rid,))).fetchone())["d"]
     assert 14 * 60 < wait.total_seconds() <= 15 * 60
-    assert await callbacks.offer_due(pool, config, ami) == []  # not due yet
+    assert await callbacks.offer_due(pool, config, asterisk(ami)) == []  # not due yet
     await loaded.execute("UPDATE callback_requests SET due_at = now() WHERE id = %s", (rid,))
-    await callbacks.offer_due(pool, config, ami)
+    await callbacks.offer_due(pool, config, asterisk(ami))
     row = await request(loaded, rid)
     assert (row["status"], row["attempts"], row["done_at"] is not None) == ("failed", 2, True)
     assert len(ami.originated) == 2
@@ -132,7 +138,7 @@ async def test_no_answer_retries_later_then_fails_after_max_attempts(loaded, poo
 async def test_lost_originate_is_left_in_progress_and_reconciled(loaded, pool):
     rid = await add_request(loaded)
     config = make_config()
-    await callbacks.offer_due(pool, config, FakeAmi(error=AmiConnectionLost("connection lost")))
+    await callbacks.offer_due(pool, config, asterisk(FakeAmi(error=AmiConnectionLost("connection lost"))))
     row = await request(loaded, rid)
     assert row["status"] == "in_progress"  # outcome unknown: the phone may ring; not re-dialled
     assert await callbacks.reconcile(pool, config) == []  # still inside the ring time
@@ -140,7 +146,7 @@ async def test_lost_originate_is_left_in_progress_and_reconciled(loaded, pool):
     row = await request(loaded, rid)
     assert (row["status"], row["last_result"], row["agent_endpoint"]) == ("pending", "stale", None)
     # a connected call (the flow runs) is given back only after the longest call
-    [offer] = await callbacks.offer_due(pool, config, FakeAmi())
+    [offer] = await callbacks.offer_due(pool, config, asterisk(FakeAmi()))
     assert await callbacks.connected(pool, rid, offer.endpoint) is not None
     assert await callbacks.reconcile(pool, config, ring_grace=0) == []
     assert await callbacks.reconcile(pool, config, ring_grace=0, call_grace=0) == [rid]
@@ -149,9 +155,9 @@ async def test_lost_originate_is_left_in_progress_and_reconciled(loaded, pool):
 async def test_stale_worker_cannot_release_a_reclaimed_request(loaded, pool):
     rid = await add_request(loaded)
     config = make_config()
-    await callbacks.offer_due(pool, config, FakeAmi(error=AmiConnectionLost("x")))
+    await callbacks.offer_due(pool, config, asterisk(FakeAmi(error=AmiConnectionLost("x"))))
     await callbacks.reconcile(pool, config, ring_grace=0)
-    [offer] = await callbacks.offer_due(pool, config, FakeAmi(error=AmiConnectionLost("x")))
+    [offer] = await callbacks.offer_due(pool, config, asterisk(FakeAmi(error=AmiConnectionLost("x"))))
     assert offer.attempt == 2
     assert await callbacks.release(pool, config, rid, "agent_no_answer", attempt=1) is None
     assert (await request(loaded, rid))["status"] == "in_progress"
@@ -185,7 +191,7 @@ def leg(rid: int, agent: str = "agent2", uid: str = "2.1") -> CallInfo:
 
 async def test_flow_tells_the_agent_dials_the_customer_and_marks_done(app, loaded, pool):
     rid = await add_request(loaded)
-    await callbacks.offer_due(pool, app.config, FakeAmi(states={"PJSIP/agent3": "INUSE"}))
+    await callbacks.offer_due(pool, app.config, asterisk(FakeAmi(states={"PJSIP/agent3": "INUSE"})))
     call = AgentLeg(leg(rid), customer=DialResult(DialStatus.ANSWERED, None, 12.0, "ANSWER"))
     await callback_flow(call, app)
     assert call.played[0] == "callback_agent_intro"
@@ -203,7 +209,7 @@ async def test_flow_tells_the_agent_dials_the_customer_and_marks_done(app, loade
 
 async def test_flow_customer_no_answer_goes_back_to_pending(app, loaded, pool):
     rid = await add_request(loaded)
-    await callbacks.offer_due(pool, app.config, FakeAmi(states={"PJSIP/agent3": "INUSE"}))
+    await callbacks.offer_due(pool, app.config, asterisk(FakeAmi(states={"PJSIP/agent3": "INUSE"})))
     call = AgentLeg(leg(rid), customer=DialResult(DialStatus.NOANSWER, detail="NOANSWER"))
     await callback_flow(call, app)
     assert call.played[-1] == "callback_customer_unreachable"
@@ -213,7 +219,7 @@ async def test_flow_customer_no_answer_goes_back_to_pending(app, loaded, pool):
 
 async def test_flow_agent_hangs_up_before_the_customer_is_dialled(app, loaded, pool):
     rid = await add_request(loaded)
-    await callbacks.offer_due(pool, app.config, FakeAmi(states={"PJSIP/agent3": "INUSE"}))
+    await callbacks.offer_due(pool, app.config, asterisk(FakeAmi(states={"PJSIP/agent3": "INUSE"})))
     call = AgentLeg(leg(rid), customer=DialResult(DialStatus.ANSWERED))
     call.hang_up_on = "stream"
     with pytest.raises(CallEnded):
@@ -236,7 +242,7 @@ async def test_run_forever_offers_and_reconciles(loaded, pool):
     await loaded.execute("UPDATE callback_requests SET status = 'in_progress', attempts = 1, claimed_at = "
                          "now() - interval '1 hour', agent_endpoint = 'agent4' WHERE id = %s", (stuck,))
     ami = FakeAmi(result=OriginateResult(False, 5))
-    task = asyncio.create_task(callbacks.run_forever(pool, make_config(poll_seconds=0.05), ami))
+    task = asyncio.create_task(callbacks.run_forever(pool, make_config(poll_seconds=0.05), asterisk(ami)))
     try:
         for _ in range(100):
             if len({o["variables"]["SHOPCALL_CALLBACK_ID"] for o in ami.originated}) == 2:
@@ -252,8 +258,25 @@ async def test_run_forever_offers_and_reconciles(loaded, pool):
         assert (row["status"], row["last_result"]) == ("pending", "agent_busy")
 
 
-async def test_worker_is_off_without_an_ami_secret(pool):
-    await asyncio.wait_for(callbacks.serve_callbacks(pool, Config.default()), 1)  # returns at once
+async def test_worker_is_off_without_an_ami_secret(pool, caplog):
+    caplog.set_level("INFO", "shopcall.serve")
+    await asyncio.wait_for(serve_callbacks(pool, Config.default(), "asterisk"), 1)  # returns at once
+    assert "callback worker off: asterisk.ami_secret is empty" in caplog.text
+
+
+def test_the_agents_pbx_follows_the_calls_a_process_serves():
+    every = ("agi", "esl", "api", "dialler")
+    default = Config.default()
+    ami = dataclasses.replace(default, asterisk=AsteriskConfig(ami_secret="s"))
+    fs_dialler = dataclasses.replace(default, freeswitch=FreeswitchConfig(dialler_enabled=True))
+    assert callback_pbx(ami, every) == "asterisk"
+    assert callback_pbx(default, every) == "asterisk"  # and it says the secret is missing
+    assert callback_pbx(fs_dialler, every) == "freeswitch"  # the event socket is in use already
+    assert callback_pbx(ami, ["esl"]) == callback_pbx(default, ["esl"]) == "freeswitch"
+    assert callback_pbx(ami, ["api"]) is None and callback_pbx(ami, ["dialler"]) is None
+    chosen = dataclasses.replace(ami, callbacks=CallbacksConfig(pbx="freeswitch"))
+    assert callback_pbx(chosen, every) == callback_pbx(chosen, ["agi"]) == "freeswitch"
+    assert callback_pbx(chosen, ["api"]) is None
 
 
 class FakeSession:

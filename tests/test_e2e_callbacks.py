@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from agi.agent_phones import AsteriskAgentPhones
 from agi.ami import AmiClient
 from shopcall import callbacks, db
 from shopcall.config import AsteriskConfig, CallbacksConfig, Config
@@ -87,7 +88,7 @@ async def test_agent_answers_then_customer_answers_request_done(cb_stack, worker
                VALUES (%s, (SELECT id FROM groups WHERE name = 'sales'), 'no_answer') RETURNING id""",
             (CUSTOMER,)).fetchone()["id"]
         assert await ami.device_state("PJSIP/agent1") == "NOT_INUSE"
-        offers = await callbacks.offer_due(pool, config, ami)
+        offers = await callbacks.offer_due(pool, config, AsteriskAgentPhones(ami, config))
         assert [(o.request_id, o.endpoint) for o in offers] == [(rid, "agent1")], explain(cb_stack, agent)
         await customer.wait_for("HANGUP", timeout=30)
         await agent.wait_for("HANGUP", timeout=10)
@@ -120,7 +121,7 @@ async def test_agent_does_not_answer_request_back_to_pending(cb_stack, worker, d
     try:
         rid = dbc.execute("INSERT INTO callback_requests (phone, reason) VALUES (%s, 'no_answer') RETURNING id",
                           (CUSTOMER,)).fetchone()["id"]
-        [offer] = await callbacks.offer_due(pool, config, ami)
+        [offer] = await callbacks.offer_due(pool, config, AsteriskAgentPhones(ami, config))
         assert offer.endpoint == "agent1"
         row = dbc.execute("SELECT * FROM callback_requests WHERE id = %s", (rid,)).fetchone()
         assert (row["status"], row["attempts"], row["last_result"]) == ("pending", 1, "agent_no_answer"), (
@@ -142,7 +143,7 @@ async def test_customer_does_not_answer_request_back_to_pending(cb_stack, worker
     try:
         rid = dbc.execute("INSERT INTO callback_requests (phone, reason) VALUES (%s, 'no_answer') RETURNING id",
                           (CUSTOMER,)).fetchone()["id"]
-        [offer] = await callbacks.offer_due(pool, config, ami)
+        [offer] = await callbacks.offer_due(pool, config, AsteriskAgentPhones(ami, config))
         assert offer.endpoint == "agent1"
         await customer.wait_for("CANCELLED", timeout=30)
         await agent.wait_for("HANGUP", timeout=20)  # after "the customer did not answer"

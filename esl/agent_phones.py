@@ -1,0 +1,74 @@
+"""The callback worker's FreeSWITCH side, over the inbound event socket (esl/client.py).
+
+An agent's phone is free when `show channels as json` lists no live channel of it. A channel is the
+agent's when its presence_id is the endpoint's (FreeSWITCH's directory puts `presence_id=USER@DOMAIN` in
+every user's dial-string, and a registered phone's own calls carry it), or when its name is the endpoint's
+sofia contact (`sofia/PROFILE/USER@HOST`) or loopback leg (`loopback/USER-a`). The phone is rung with
+`originate {...}user/ENDPOINT callback XML <context>-robot`: once it is answered (ignore_early_media: a
+ringing phone's early media must not count as an answer) the robot context hands the leg to our
+outbound-socket server, whose callback flow reads the request's id from shopcall_arg_id and the agent from
+dialed_user (set here too, for an endpoint_template other than user/).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from esl.client import EslClient
+from esl.originator import CAUSE_OUTCOME
+from shopcall.call import PbxError, check_endpoint, check_number, presentable
+from shopcall.config import Config
+from shopcall.dialler import DialOutcome, OutcomeUnknown
+
+_GONE = frozenset({"HANGUP", "DOWN"})  # callstate of a channel on its way out, or not yet placed
+
+
+def channels(body: str) -> list[dict]:
+    """The rows of `show channels as json` (its body: `{"row_count": 0}` when there are none)."""
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise PbxError(f"show channels: not JSON: {body[:80]!r}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("rows", []), list):
+        raise PbxError(f"show channels: unexpected answer {body[:80]!r}")
+    return [row for row in data.get("rows", []) if isinstance(row, dict)]
+
+
+def belongs(row: dict, endpoint: str) -> bool:
+    presence = str(row.get("presence_id", ""))
+    if presence.partition("@")[0] == endpoint:
+        return True
+    name = str(row.get("name", ""))
+    return bool(re.fullmatch(rf"sofia/[^/]+/{re.escape(endpoint)}@.*|loopback/{re.escape(endpoint)}-[ab]", name))
+
+
+class FreeswitchAgentPhones:
+    def __init__(self, client: EslClient, config: Config) -> None:
+        self.client = client
+        self.endpoint_template = config.freeswitch.endpoint_template
+        self.destination = f"callback XML {config.freeswitch.context}-robot"
+
+    async def is_free(self, endpoint: str) -> bool:
+        name = check_endpoint(endpoint)
+        rows = channels(await self.client.api("show channels as json"))
+        return not any(belongs(row, name) and row.get("callstate") not in _GONE for row in rows)
+
+    async def ring(self, endpoint: str, *, request_id: int, phone: str, ring_seconds: int) -> DialOutcome:
+        name = check_endpoint(endpoint)
+        number = check_number(phone)
+        variables = {
+            "ignore_early_media": "true",
+            "shopcall_arg_id": str(int(request_id)),
+            "dialed_user": name,
+            "origination_caller_id_number": number,
+            "origination_caller_id_name": presentable("Callback " + number),
+        }
+        try:
+            result = await self.client.originate(self.endpoint_template.format(endpoint=name), variables=variables,
+                                                 timeout=ring_seconds, destination=self.destination)
+        except PbxError as exc:  # the connection dropped with the job running: the phone may be ringing
+            raise OutcomeUnknown(str(exc)) from exc
+        if result.ok:
+            return DialOutcome("answered", result.reply)
+        return DialOutcome(CAUSE_OUTCOME.get(result.cause, "failed"), result.cause)
