@@ -13,7 +13,7 @@ process and is not counted; shopcall's and PostgreSQL's CPU are read from /proc.
 
 Prints, for each round, CPU ms per call of shopcall and PostgreSQL, and commands and statements per call.
 --compare-group-cache runs a second service with database.cache_groups = false (its own PostgreSQL) and
-alternates the rounds between the two, so the saving of the group cache is read side by side.
+alternates the rounds between the two (A B, B A, ...), so the saving of the group cache is read side by side.
 """
 
 from __future__ import annotations
@@ -108,7 +108,10 @@ def main() -> int:
             run_calls(svc.app.port, 200, args.rate)  # a warm-up: prompts, pool connections, prepared statements
         per_call = {side: {"shopcall": [], "postgres": []} for side in sides}
         for rnd in range(1, args.rounds + 1):
-            for side, svc in sides.items():
+            order = list(sides.items())
+            if rnd % 2 == 0:  # ABBA: a machine that speeds up or slows down over the run favours neither
+                order.reverse()
+            for side, svc in order:
                 before, s0 = procstat.snapshot(), transactions(svc.url)
                 done, commands, wall = run_calls(svc.app.port, args.calls, args.rate)
                 after, s1 = procstat.snapshot(), transactions(svc.url)
