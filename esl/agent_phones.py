@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 from esl.client import EslClient
 from esl.originator import CAUSE_OUTCOME
@@ -44,15 +45,24 @@ def belongs(row: dict, endpoint: str) -> bool:
 
 
 class FreeswitchAgentPhones:
-    def __init__(self, client: EslClient, config: Config) -> None:
+    def __init__(self, client: EslClient, config: Config, *, listing_seconds: float = 1.0) -> None:
         self.client = client
         self.endpoint_template = config.freeswitch.endpoint_template
         self.destination = f"callback XML {config.freeswitch.context}-robot"
+        # a claim asks about one candidate after another: one listing of every channel serves them all
+        self.listing_seconds = listing_seconds
+        self._listing: tuple[float, list[dict]] = (-listing_seconds, [])
 
     async def is_free(self, endpoint: str) -> bool:
         name = check_endpoint(endpoint)
-        rows = channels(await self.client.api("show channels as json"))
-        return not any(belongs(row, name) and row.get("callstate") not in _GONE for row in rows)
+        return not any(belongs(row, name) and row.get("callstate") not in _GONE for row in await self._channels())
+
+    async def _channels(self) -> list[dict]:
+        at, rows = self._listing
+        if time.monotonic() - at >= self.listing_seconds:
+            rows = channels(await self.client.api("show channels as json"))
+            self._listing = (time.monotonic(), rows)
+        return rows
 
     async def ring(self, endpoint: str, *, request_id: int, phone: str, ring_seconds: int) -> DialOutcome:
         name = check_endpoint(endpoint)

@@ -38,7 +38,8 @@ async def replayed_phones(config, **fs):
     server, replays = await replay_server("inbound_bgapi_and_failures")
     client = EslClient("127.0.0.1", server.sockets[0].getsockname()[1], "ClueCon", command_timeout=2)
     await client.start()
-    return FreeswitchAgentPhones(client, freeswitch(config, **fs)), client, server, replays
+    # listing_seconds=0: every question gets the next captured answer
+    return FreeswitchAgentPhones(client, freeswitch(config, **fs), listing_seconds=0), client, server, replays
 
 
 def test_channels_of_an_endpoint_in_the_captured_show_channels():
@@ -72,6 +73,17 @@ async def test_whether_a_phone_is_free_comes_from_freeswitch(app):  # noqa: F811
     finally:
         await client.close()
         server.close()
+
+
+async def test_one_listing_answers_for_every_candidate_of_a_claim(app):  # noqa: F811
+    phones, client, server, replays = await replayed_phones(app.config, endpoint_template="loopback/{endpoint}/default")
+    phones.listing_seconds = 60
+    try:
+        assert await phones.is_free("9998") and await phones.is_free("9998")  # the second capture not asked
+    finally:
+        await client.close()
+        server.close()
+    assert [m for m in replays[0].received if m.startswith(b"api show")] == [b"api show channels as json\n\n"]
 
 
 async def test_a_request_rings_a_free_agent_through_the_event_socket(app, loaded, pool):  # noqa: F811
