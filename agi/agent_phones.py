@@ -2,13 +2,14 @@
 NOT_INUSE, and it is rung with an Originate into [<prefix>-callback], whose AGI runs the callback flow.
 
 The endpoint reaches the channel only after `check_endpoint`, through `asterisk.endpoint_template`; the
-customer's number (E.164 from the request) is shown to the agent as the caller, its name without quotes.
+customer's number is shown to the agent as the caller (shopcall.callbacks.shown_to_agent).
 """
 
 from __future__ import annotations
 
 from agi.ami import AmiClient, AmiConnectionLost, AmiError, AmiTimeout
-from shopcall.call import PbxError, check_endpoint, check_number, presentable
+from shopcall.call import PbxError, check_endpoint
+from shopcall.callbacks import shown_to_agent
 from shopcall.config import Config
 from shopcall.dialler import DialOutcome, OutcomeUnknown
 
@@ -31,8 +32,7 @@ class AsteriskAgentPhones:
             raise PbxError(str(exc)) from exc
 
     async def ring(self, endpoint: str, *, request_id: int, phone: str, ring_seconds: int) -> DialOutcome:
-        number = check_number(phone)
-        name = presentable("Callback " + number).replace('"', "")
+        number, name = shown_to_agent(phone)
         try:
             result = await self.ami.originate(
                 self.device(endpoint), context=self.context, exten="s", ring_seconds=ring_seconds,

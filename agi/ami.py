@@ -22,6 +22,10 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shopcall.config import Config
 
 log = logging.getLogger("shopcall.ami")
 
@@ -367,3 +371,14 @@ class AmiClient:
     async def device_state(self, device: str) -> str:
         """NOT_INUSE, INUSE, RINGING, UNAVAILABLE, UNKNOWN, ... for e.g. PJSIP/agent1."""
         return (await self.getvar(f"DEVICE_STATE({device})")) or "UNKNOWN"
+
+
+async def open_ami(config: Config, purpose: str) -> AmiClient:
+    """A client of asterisk.ami_*, connected: waits out an Asterisk that is not there yet (start-up)."""
+    from shopcall.backoff import keep_trying
+
+    ast = config.asterisk
+    ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+    await keep_trying(ami.connect, f"{purpose}: AMI at {ast.ami_host}:{ast.ami_port}", (OSError, TimeoutError, AmiError))
+    return ami
+

@@ -17,10 +17,11 @@ import re
 import time
 
 from esl.client import EslClient
-from esl.originator import CAUSE_OUTCOME
-from shopcall.call import PbxError, check_endpoint, check_number, presentable
+from esl.originator import originate_outcome
+from shopcall.call import PbxError, check_endpoint
+from shopcall.callbacks import shown_to_agent
 from shopcall.config import Config
-from shopcall.dialler import DialOutcome, OutcomeUnknown
+from shopcall.dialler import DialOutcome
 
 _GONE = frozenset({"HANGUP", "DOWN"})  # callstate of a channel on its way out, or not yet placed
 
@@ -65,20 +66,14 @@ class FreeswitchAgentPhones:
         return rows
 
     async def ring(self, endpoint: str, *, request_id: int, phone: str, ring_seconds: int) -> DialOutcome:
-        name = check_endpoint(endpoint)
-        number = check_number(phone)
+        user = check_endpoint(endpoint)
+        number, name = shown_to_agent(phone)
         variables = {
             "ignore_early_media": "true",
             "shopcall_arg_id": str(int(request_id)),
-            "dialed_user": name,
+            "dialed_user": user,
             "origination_caller_id_number": number,
-            "origination_caller_id_name": presentable("Callback " + number),
+            "origination_caller_id_name": name,
         }
-        try:
-            result = await self.client.originate(self.endpoint_template.format(endpoint=name), variables=variables,
-                                                 timeout=ring_seconds, destination=self.destination)
-        except PbxError as exc:  # the connection dropped with the job running: the phone may be ringing
-            raise OutcomeUnknown(str(exc)) from exc
-        if result.ok:
-            return DialOutcome("answered", result.reply)
-        return DialOutcome(CAUSE_OUTCOME.get(result.cause, "failed"), result.cause)
+        return await originate_outcome(self.client, self.endpoint_template.format(endpoint=user), variables=variables,
+                                       timeout=ring_seconds, destination=self.destination)

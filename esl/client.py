@@ -19,13 +19,17 @@ import collections
 import logging
 import re
 import uuid as uuidlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from esl import protocol
 from esl.connection import EslConnection, EslConnectionClosed
 from esl.protocol import Event, Message
 from shopcall.call import PbxError
+
+if TYPE_CHECKING:
+    from shopcall.config import Config
 
 log = logging.getLogger("shopcall.esl.client")
 
@@ -281,3 +285,18 @@ class EslClient:
             if not watch.hangup.done():
                 watch.hangup.set_result(ev.get("Hangup-Cause"))
             self._watches.pop(watch.uuid, None)
+
+
+async def open_event_socket(config: Config, purpose: str, *, events: tuple[str, ...] = EVENTS,
+                            listeners: Sequence[Callable[[Event], None]] = ()) -> EslClient:
+    """A client of freeswitch.esl_*, started: waits out a FreeSWITCH that is not there yet (start-up)."""
+    from shopcall.backoff import keep_trying
+
+    fs = config.freeswitch
+    client = EslClient(fs.esl_host, fs.esl_port, fs.esl_password, command_timeout=config.esl.command_timeout,
+                       events=events)
+    client.listeners.extend(listeners)  # before start: no event may arrive unheard
+    await keep_trying(client.start, f"{purpose}: FreeSWITCH event socket at {fs.esl_host}:{fs.esl_port}",
+                      (OSError, TimeoutError, PbxError))
+    return client
+

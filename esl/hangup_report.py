@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from esl.call import bridge_status, talk_seconds
-from esl.client import EslClient
+from esl.client import open_event_socket
 from esl.protocol import Event
 from esl.routes import call_info
 from shopcall.app import App
@@ -122,16 +122,9 @@ class FallbackReports:
 
 async def serve_fallback_reports(app: App, flow: Flow) -> None:
     """Listen on FreeSWITCH's inbound event socket for calls that fell back, until cancelled."""
-    from shopcall.backoff import keep_trying
-    from shopcall.call import PbxError
-
-    fs = app.config.freeswitch
-    client = EslClient(fs.esl_host, fs.esl_port, fs.esl_password, command_timeout=app.config.esl.command_timeout,
-                       events=("CHANNEL_HANGUP_COMPLETE",))
     reports = FallbackReports(app, flow)
-    client.listeners.append(reports)
-    await keep_trying(client.start, f"fallback reports: FreeSWITCH event socket at {fs.esl_host}:{fs.esl_port}",
-                      (OSError, TimeoutError, PbxError))
+    client = await open_event_socket(app.config, "fallback reports", events=("CHANNEL_HANGUP_COMPLETE",),
+                                     listeners=[reports])
     try:
         await asyncio.Event().wait()
     finally:

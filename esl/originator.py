@@ -17,11 +17,24 @@ from shopcall.config import Config
 from shopcall.dialler import DialOutcome, OutcomeUnknown
 
 # hangup causes of a failed originate → our outcome
-CAUSE_OUTCOME = {
+_CAUSE_OUTCOME = {
     "USER_BUSY": "busy", "CALL_REJECTED": "busy",
     "NO_ANSWER": "no_answer", "NO_USER_RESPONSE": "no_answer", "ORIGINATOR_CANCEL": "no_answer",
     "ALLOTTED_TIMEOUT": "no_answer", "PROGRESS_TIMEOUT": "no_answer",
 }
+
+
+async def originate_outcome(client: EslClient, dial_string: str, *, variables: dict[str, str], timeout: int,
+                            destination: str, uuid: str | None = None) -> DialOutcome:
+    """`bgapi originate`, its end as our outcome: answered, busy, no_answer or failed (the cause as detail)."""
+    try:
+        result = await client.originate(dial_string, uuid=uuid, variables=variables, timeout=timeout,
+                                        destination=destination)
+    except PbxError as exc:  # the connection dropped with the job running: it may be ringing
+        raise OutcomeUnknown(str(exc)) from exc
+    if result.ok:
+        return DialOutcome("answered", result.reply)
+    return DialOutcome(_CAUSE_OUTCOME.get(result.cause, "failed"), result.cause)
 
 
 class FreeswitchOriginator:
@@ -39,14 +52,8 @@ class FreeswitchOriginator:
             pairs[AMD_VARIABLE] = "1"
         if caller_id:
             pairs["origination_caller_id_number"] = check_number(caller_id)
-        try:
-            result = await self.client.originate(dial_string, uuid=uniqueid, variables=pairs, timeout=ring_seconds,
-                                                 destination=self.destination)
-        except PbxError as exc:  # the connection dropped with the job running: it may be ringing
-            raise OutcomeUnknown(str(exc)) from exc
-        if result.ok:
-            return DialOutcome("answered", result.reply)
-        return DialOutcome(CAUSE_OUTCOME.get(result.cause, "failed"), result.cause)
+        return await originate_outcome(self.client, dial_string, uuid=uniqueid, variables=pairs, timeout=ring_seconds,
+                                       destination=self.destination)
 
     async def exists(self, uniqueid: str) -> bool:
         try:

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
-from shopcall.call import PbxError
+from shopcall.call import PbxError, check_number, presentable
 from shopcall.config import Config
 from shopcall.dialler import DialOutcome, OutcomeUnknown
 
@@ -76,6 +76,13 @@ WHERE e.logged_in AND NOT e.paused
 ORDER BY (gm.group_id IS NULL), gm.position, e.last_call_at NULLS FIRST, e.id
 """
 _AGENT_BUSY = "SELECT 1 FROM callback_requests WHERE status = 'in_progress' AND agent_endpoint = %s"
+
+
+def shown_to_agent(phone: str) -> tuple[str, str]:
+    """The caller number and name an agent's phone shows for a callback: the customer's number, checked
+    (it reaches the PBX's originate), and "Callback <number>"."""
+    number = check_number(phone)
+    return number, presentable("Callback " + number)
 
 
 async def claim(pool: AsyncConnectionPool, phones: AgentPhones, *, exclude: list[int] | None = None

@@ -148,28 +148,6 @@ def callback_pbx(config: Config, parts: list[str] | tuple[str, ...]) -> str | No
     return "asterisk" if "agi" in parts else None  # which says, once, that asterisk.ami_secret is empty
 
 
-async def _ami(config: Config, purpose: str):
-    from agi.ami import AmiClient, AmiError
-    from shopcall.backoff import keep_trying
-
-    ast = config.asterisk
-    ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
-    await keep_trying(ami.connect, f"{purpose}: AMI at {ast.ami_host}:{ast.ami_port}", (OSError, TimeoutError, AmiError))
-    return ami
-
-
-async def _event_socket(config: Config, purpose: str):
-    from esl.client import EslClient
-    from shopcall.backoff import keep_trying
-    from shopcall.call import PbxError
-
-    fs = config.freeswitch
-    client = EslClient(fs.esl_host, fs.esl_port, fs.esl_password, command_timeout=config.esl.command_timeout)
-    await keep_trying(client.start, f"{purpose}: FreeSWITCH event socket at {fs.esl_host}:{fs.esl_port}",
-                      (OSError, TimeoutError, PbxError))
-    return client
-
-
 async def serve_callbacks(pool, config: Config, pbx: str) -> None:
     """The callback worker (shopcall/callbacks.py) with the agents' PBX: Asterisk through AMI (needs
     asterisk.ami_secret), FreeSWITCH through its inbound event socket."""
@@ -183,13 +161,15 @@ async def serve_callbacks(pool, config: Config, pbx: str) -> None:
             log.info("callback worker off: asterisk.ami_secret is empty (or set callbacks.pbx = \"freeswitch\")")
             return
         from agi.agent_phones import AsteriskAgentPhones
+        from agi.ami import open_ami
 
-        link = await _ami(config, "callbacks")
+        link = await open_ami(config, "callbacks")
         phones = AsteriskAgentPhones(link, config)
     else:
         from esl.agent_phones import FreeswitchAgentPhones
+        from esl.client import open_event_socket
 
-        link = await _event_socket(config, "callbacks")
+        link = await open_event_socket(config, "callbacks")
         phones = FreeswitchAgentPhones(link, config)
     log.info("callback worker on: agents' phones on %s", pbx)
     try:
@@ -210,15 +190,17 @@ async def serve_dialler(pool, config: Config) -> None:
     originators: dict = {}
     closers = []
     if config.asterisk.ami_secret:
+        from agi.ami import open_ami
         from agi.originator import AsteriskOriginator
 
-        ami = await _ami(config, "dialler")
+        ami = await open_ami(config, "dialler")
         originators["asterisk"] = AsteriskOriginator(ami, config)
         closers.append(ami.close)
     if config.freeswitch.dialler_enabled:
+        from esl.client import open_event_socket
         from esl.originator import FreeswitchOriginator
 
-        client = await _event_socket(config, "dialler")
+        client = await open_event_socket(config, "dialler")
         originators["freeswitch"] = FreeswitchOriginator(client, config)
         closers.append(client.close)
     if not originators:
