@@ -10,6 +10,7 @@ runs the flow's whole path: the same commands and statements as a real call. The
 process and is not counted; shopcall's and PostgreSQL's CPU are read from /proc.
 
     .venv/bin/python bench/flow_cpu.py [--calls 3000] [--rate 200] [--rounds 3] [--compare-group-cache]
+                                       [--holds 0,5]
 
 Prints, for each round, CPU ms per call of shopcall and PostgreSQL, and commands and statements per call.
 --compare-group-cache runs a second service with database.cache_groups = false (its own PostgreSQL) and
@@ -53,8 +54,11 @@ def reply(command: bytes) -> bytes:
     return b"200 result=0\n"
 
 
-async def generate(port: int, calls: int, rate: float) -> tuple[int, int, float]:
-    """Place `calls` calls at `rate` per second; returns (calls completed, commands seen, wall seconds)."""
+async def generate(port: int, calls: int, rate: float, hold: float = 0.0) -> tuple[int, int, float]:
+    """Place `calls` calls at `rate` per second; returns (calls completed, commands seen, wall seconds).
+
+    `hold` seconds are split between the prompts and the Dial before they are answered, so that as many
+    sessions are open at once as in a real call of that length (rate × hold)."""
     commands = done = 0
 
     async def one(i: int) -> None:
@@ -64,6 +68,8 @@ async def generate(port: int, calls: int, rate: float) -> tuple[int, int, float]
         while line := await r.readline():
             if line.strip():
                 commands += 1
+                if hold and line.startswith((b"EXEC Playback", b"EXEC Dial")):
+                    await asyncio.sleep(hold / 3)
                 w.write(reply(line))
         w.close()
         done += 1
@@ -79,8 +85,8 @@ async def generate(port: int, calls: int, rate: float) -> tuple[int, int, float]
     return done, commands, time.perf_counter() - start
 
 
-def run_generator(port: int, calls: int, rate: float, out: multiprocessing.Queue) -> None:
-    out.put(asyncio.run(generate(port, calls, rate)))
+def run_generator(port: int, calls: int, rate: float, hold: float, out: multiprocessing.Queue) -> None:
+    out.put(asyncio.run(generate(port, calls, rate, hold)))
 
 
 def transactions(url: str) -> int:
@@ -97,7 +103,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compare-group-cache", action="store_true",
                     help="also a service without the group cache, rounds alternating")
+    ap.add_argument("--holds", default="0",
+                    help="seconds each call is held open (prompts and Dial answered late), comma-separated: "
+                         "each round runs every hold, so many live sessions are compared with few side by side")
     args = ap.parse_args()
+    holds = [float(h) for h in args.holds.split(",")]
 
     with contextlib.ExitStack() as stack:
         sides = {"cache on": stack.enter_context(shopcall_service("shopcall-flow-cpu-"))}
@@ -106,20 +116,24 @@ def main() -> int:
                 shopcall_service("shopcall-flow-cpu-nocache-", database="cache_groups = false"))
         for svc in sides.values():
             run_calls(svc.app.port, 200, args.rate)  # a warm-up: prompts, pool connections, prepared statements
-        per_call = {side: {"shopcall": [], "postgres": []} for side in sides}
+        runs = [(side, svc, hold) for side, svc in sides.items() for hold in holds]
+        labels = {(side, hold): " ".join(filter(None, [side if len(sides) > 1 else "",
+                                                       f"hold {hold:g} s" if len(holds) > 1 else ""]))
+                  for side, _, hold in runs}
+        per_call = {key: {"shopcall": [], "postgres": []} for key in labels}
         for rnd in range(1, args.rounds + 1):
-            order = list(sides.items())
+            order = list(runs)
             if rnd % 2 == 0:  # ABBA: a machine that speeds up or slows down over the run favours neither
                 order.reverse()
-            for side, svc in order:
+            for side, svc, hold in order:
                 before, s0 = procstat.snapshot(), transactions(svc.url)
-                done, commands, wall = run_calls(svc.app.port, args.calls, args.rate)
+                done, commands, wall = run_calls(svc.app.port, args.calls, args.rate, hold)
                 after, s1 = procstat.snapshot(), transactions(svc.url)
                 cpu = procstat.used(before, after)
-                got = per_call[side]
+                got = per_call[side, hold]
                 for k in got:
                     got[k].append(1000 * cpu[k] / max(done, 1))
-                label = f" [{side}]" if len(sides) > 1 else ""
+                label = f" [{labels[side, hold]}]" if labels[side, hold] else ""
                 print(f"round {rnd}{label}: {done} calls in {wall:.1f} s ({done / wall:.0f}/s) | CPU per call: "
                       f"shopcall {got['shopcall'][-1]:.2f} ms, PostgreSQL {got['postgres'][-1]:.2f} ms | "
                       f"{commands / max(done, 1):.1f} AGI commands, {(s1 - s0 - 1) / max(done, 1):.1f} "
@@ -127,24 +141,33 @@ def main() -> int:
                 if done != args.calls:
                     print(f"FAIL: {args.calls - done} calls did not complete")
                     return 1
-        med = {side: {k: statistics.median(v) for k, v in got.items()} for side, got in per_call.items()}
-        for side, m in med.items():
-            label = f" [{side}]" if len(sides) > 1 else ""
+        med = {key: {k: statistics.median(v) for k, v in got.items()} for key, got in per_call.items()}
+        for key, m in med.items():
+            label = f" [{labels[key]}]" if labels[key] else ""
             print(f"median CPU per call{label}: shopcall {m['shopcall']:.2f} ms, PostgreSQL {m['postgres']:.2f} ms, "
                   f"together {m['shopcall'] + m['postgres']:.2f} ms")
+
+        def ratio(a: dict[str, float], b: dict[str, float]) -> str:
+            return ", ".join(f"{k} {a[k] / b[k]:.2f}" for k in ("shopcall", "postgres")) + \
+                f", together {(a['shopcall'] + a['postgres']) / (b['shopcall'] + b['postgres']):.2f}"
+
         if len(sides) > 1:
-            on, off = med["cache on"], med["cache off"]
-            print("cache on / cache off: " + ", ".join(
-                f"{k} {on[k] / off[k]:.2f}" for k in ("shopcall", "postgres")) +
-                f", together {(on['shopcall'] + on['postgres']) / (off['shopcall'] + off['postgres']):.2f}")
+            for hold in holds:
+                print(f"cache on / cache off{f' (hold {hold:g} s)' if len(holds) > 1 else ''}: "
+                      + ratio(med["cache on", hold], med["cache off", hold]))
+        if len(holds) > 1:
+            for side in sides:
+                for hold in holds[1:]:
+                    print(f"hold {hold:g} s / hold {holds[0]:g} s{f' ({side})' if len(sides) > 1 else ''}: "
+                          + ratio(med[side, hold], med[side, holds[0]]))
     return 0
 
 
-def run_calls(port: int, calls: int, rate: float) -> tuple[int, int, float]:
+def run_calls(port: int, calls: int, rate: float, hold: float = 0.0) -> tuple[int, int, float]:
     """The generator in its own process, so its CPU is not counted as ours."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    gen = ctx.Process(target=run_generator, args=(port, calls, rate, out))
+    gen = ctx.Process(target=run_generator, args=(port, calls, rate, hold, out))
     gen.start()
     result = out.get()
     gen.join()
