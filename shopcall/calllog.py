@@ -115,20 +115,68 @@ _MERGE = ",\n    ".join(
        "ELSE calls.route_log || EXCLUDED.route_log END"]
 )
 _UPSERT = _UPSERT.replace("{merge}", _MERGE)
-# One statement, so atomic without BEGIN/COMMIT round trips: the row, and who answered it becomes the
-# employee's last call and the customer's manager (sticky routing).
-_SAVE = f"""
-WITH saved AS ({_UPSERT.strip()}),
+
+
+def _save_statement(*, post: bool) -> str:
+    """One statement, so atomic without BEGIN/COMMIT round trips: the row, and who answered it becomes the
+    employee's last call and the customer's manager (sticky routing); with `post`, the row as stored (merged
+    with an earlier report) is queued for the shop's calls_url in the same commit."""
+    upsert = _UPSERT.strip().replace("RETURNING id, customer_id, group_id, answered_by", "RETURNING *") \
+        if post else _UPSERT.strip()
+    hook = f""",
+     posted AS (INSERT INTO webhook_outbox (kind, url, body)
+                SELECT 'call', %(calls_url)s, jsonb_build_object({_CALL_BODY})
+                FROM saved LEFT JOIN groups g ON g.id = saved.group_id
+                           LEFT JOIN employees e ON e.id = saved.answered_by)""" if post else ""
+    return f"""
+WITH saved AS ({upsert}),
      employee AS (UPDATE employees e SET last_call_at = %(answered_at)s FROM saved WHERE e.id = saved.answered_by),
      customer AS (UPDATE customers c SET last_manager_id = saved.answered_by FROM saved
-                   WHERE c.id = saved.customer_id AND saved.answered_by IS NOT NULL)
-SELECT * FROM saved
+                   WHERE c.id = saved.customer_id AND saved.answered_by IS NOT NULL){hook}
+SELECT id, customer_id, group_id, answered_by FROM saved
 """
 
 
+# What the shop's CRM gets for a call (README, "Calls to your CRM"): every key, null when not known.
+_CALL_BODY = ", ".join(f"'{k}', {v}" for k, v in {
+    "event": "'call_ended'",
+    "call_id": "saved.id",
+    "uniqueid": "saved.uniqueid",
+    "pbx": "saved.pbx",
+    "direction": "saved.direction",
+    "caller_number": "saved.caller_number",
+    "caller_e164": "saved.caller_e164",
+    "caller_name": "saved.caller_name",
+    "customer_id": "saved.customer_id",
+    "dialled_number": "saved.dialled_number",
+    "group": "g.name",
+    "menu_choice": "saved.menu_choice",
+    "robot_choice": "saved.robot_choice",
+    "language": "saved.language",
+    "outcome": "saved.outcome",
+    "missed": "saved.missed",
+    "started_at": "saved.started_at",
+    "answered_at": "saved.answered_at",
+    "ended_at": "saved.ended_at",
+    # answered_at is the end less the PBX's talk time: never before the start, whatever the clocks say
+    "wait_seconds": "greatest(round(extract(epoch FROM coalesce(saved.answered_at, saved.ended_at)"
+                    " - saved.started_at), 1), 0)",
+    "talk_seconds": "round(extract(epoch FROM saved.ended_at - saved.answered_at), 1)",
+    "agent_endpoint": "saved.answered_endpoint",
+    "agent_name": "e.name",
+    "recording_path": "saved.recording_path",
+    "callback_requested": "%(callback_requested)s::boolean",
+    "survey_answer": "%(survey_answer)s::integer",
+    "saved_at": "now()",
+}.items())
+_SAVE = _save_statement(post=False)
+_SAVE_POSTED = _save_statement(post=True)
+
+
 class CallLog:
-    def __init__(self, pool: AsyncConnectionPool, spool_dir: Path) -> None:
+    def __init__(self, pool: AsyncConnectionPool, spool_dir: Path, *, calls_url: str = "") -> None:
         self.pool = pool
+        self.calls_url = calls_url  # empty: calls are not posted
         self.spool = spool_dir / "calls.jsonl"
         self._spool_lock = asyncio.Lock()
 
@@ -149,12 +197,17 @@ class CallLog:
         # shallow: asdict() deep-copies the route log, a sixth of a call's CPU
         params = {f.name: getattr(rec, f.name) for f in fields(rec)}
         params["route_log"] = Jsonb(rec.route_log)
-        if not rec.survey_answer and not (rec.callback_reason and rec.caller_e164):
+        callback = bool(rec.callback_reason and rec.caller_e164)
+        save = _SAVE
+        if self.calls_url:
+            save = _SAVE_POSTED
+            params.update(calls_url=self.calls_url, callback_requested=callback)
+        if not rec.survey_answer and not callback:
             async with self.pool.connection() as conn:
-                await conn.execute(_SAVE, params)
+                await conn.execute(save, params)
             return
         async with self.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(_SAVE, params)
+            cur = await conn.execute(save, params)
             row = await cur.fetchone()
             assert row is not None
             if rec.survey_answer:
@@ -163,7 +216,7 @@ class CallLog:
                        ON CONFLICT (call_id) DO UPDATE SET answer = EXCLUDED.answer""",
                     (row["id"], row["answered_by"], row["group_id"], rec.survey_answer),
                 )
-            if rec.callback_reason and rec.caller_e164:
+            if callback:
                 # one open request per phone (a partial unique index): a repeat caller refreshes it
                 await conn.execute(
                     """

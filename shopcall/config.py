@@ -372,10 +372,11 @@ class DiallerConfig:
 
 @dataclass(frozen=True)
 class WebhooksConfig:
-    """Results of robot calls (and product links) to the shop's URLs, HMAC-SHA256 signed."""
+    """Results of robot calls, product links and finished calls to the shop's URLs, HMAC-SHA256 signed."""
 
     results_url: str = _setting("", str, "an http(s) URL or empty", _check_url)
     messages_url: str = _setting("", str, "an http(s) URL or empty", _check_url)  # SMS/WhatsApp gateway
+    calls_url: str = _setting("", str, "an http(s) URL or empty", _check_url)  # every call row, for a CRM
     secret: str = _setting("", str, "a string", repr=False)
     timeout: float = _number(10.0, float)
     poll_seconds: float = _number(2.0, float)

@@ -103,9 +103,9 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
     if "dialler" in parts:
         background.append(asyncio.create_task(serve_dialler(pool, config), name="dialler"))
     hooks = config.webhooks
-    # results of robot calls and product links to the shop, from the processes configured for them (one
-    # without the URLs does not know the secret either, and must not post rows unsigned)
-    if {"dialler", "api", "agi"} & set(parts) and (hooks.results_url or hooks.messages_url):
+    # results of robot calls, product links and finished calls to the shop, from the processes configured
+    # for them (one without the URLs does not know the secret either, and must not post rows unsigned)
+    if hooks.results_url or hooks.messages_url or hooks.calls_url:
         from shopcall import webhooks
 
         background.append(asyncio.create_task(webhooks.run_forever(pool, config), name="webhooks"))

@@ -1,4 +1,4 @@
-"""Webhooks to the shop (robot-call results, customer messages) through the PostgreSQL `webhook_outbox`.
+"""Webhooks to the shop (robot-call results, customer messages, finished calls) through the PostgreSQL `webhook_outbox`.
 
 A webhook is a row first, committed with whatever produced it, and an HTTP POST later, so a shop that is
 down only delays it. Rows are retried with capped exponential back-off until the shop answers 2xx; they
@@ -31,7 +31,7 @@ from shopcall.outboxes import Pruner
 
 log = logging.getLogger("shopcall.webhooks")
 
-KINDS = ("result", "message")
+KINDS = ("result", "message", "call")
 BASE_BACKOFF_SECONDS = 5
 LEASE_MARGIN_SECONDS = 60  # on top of the request timeout: a claimed row is not taken by another sender
 _ERROR_BODY_CHARS = 200

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import email.header
+import hashlib
+import hmac
+import http.server
+import json
 import os
+import threading
 import time
 import wave
 from collections.abc import Iterator
@@ -27,6 +32,47 @@ from tests.pbx.sipp import SippAgent, free_sip_port, place_call
 pytestmark = pytest.mark.slow
 
 AGENTS = ("agent1", "agent2", "agent3", "agent4")
+CRM_SECRET = "crm-secret"
+
+
+class Crm:
+    """The shop's CRM endpoint for finished calls: a stdlib HTTP server in a thread, answering 200."""
+
+    def __init__(self) -> None:
+        posts = self.posts = []  # (headers, body bytes)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                posts.append((dict(self.headers), raw))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/calls"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def call(self, uniqueid: str, timeout: float = 10.0) -> list[dict]:
+        """The signed bodies posted for one call, once at least one has arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = []
+            for headers, raw in list(self.posts):
+                body = json.loads(raw)
+                if body["uniqueid"] == uniqueid:
+                    want = "sha256=" + hmac.new(CRM_SECRET.encode(), raw, hashlib.sha256).hexdigest()
+                    assert headers["X-Shopcall-Signature"] == want
+                    found.append(body)
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +80,14 @@ def stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
     require_asterisk_root()
     work = tmp_path_factory.mktemp("e2e")
     smtp_port = free_tcp_port()
+    crm = Crm()  # a real HTTP server receives every finished call (webhooks.calls_url)
     app, data, include = prepare_shopcall(work, pg_url, free_tcp_port(), f"""
 [inbound]
 ring_timeout = 6
+[webhooks]
+calls_url = "{crm.url}"
+secret = "{CRM_SECRET}"
+poll_seconds = 0.2
 [mail]
 smtp_port = {smtp_port}
 retry_seconds = 1
@@ -79,9 +130,10 @@ include => shopcall-agents
     with running(app, pbx):
         try:
             yield {"pbx": pbx, "app": app, "url": pg_url, "work": work, "sip": f"127.0.0.1:{pbx.sip_port}",
-                   "inbox": inbox}
+                   "inbox": inbox, "crm": crm}
         finally:
             smtp.stop()
+            crm.close()
 
 
 @pytest.fixture
@@ -154,6 +206,11 @@ async def test_key_2_rings_the_whole_delivery_group_and_logs_who_answered(stack,
         "answered", False, "agent2", "delivery", "2"), explain(stack)
     assert row["caller_e164"] == "+79161234567" and row["dialled_number"] == "100"
     assert row["answered_at"] and row["ended_at"] > row["answered_at"]
+    # the shop's CRM was told, with Asterisk's uniqueid and the agent who answered
+    [crm] = stack["crm"].call(row["uniqueid"])
+    assert (crm["call_id"], crm["outcome"], crm["agent_endpoint"], crm["group"], crm["caller_e164"]) == (
+        row["id"], "answered", "agent2", "delivery", "+79161234567"), explain(stack)
+    assert crm["talk_seconds"] >= 2 and crm["recording_path"] == row["recording_path"]
     # agents record "always" by default: MixMonitor wrote the bridged conversation where the row says
     recorded = Path(row["recording_path"])
     assert recorded.is_relative_to(stack["work"] / "shopcall" / "recordings"), row["recording_path"]
@@ -180,6 +237,9 @@ async def test_nobody_answers_missed_row_and_callback(stack, db, agents):
     assert (row["outcome"], row["missed"], row["answered_by"]) == ("missed_no_answer", True, None)
     [cb] = db.execute("SELECT * FROM callback_requests").fetchall()
     assert (cb["phone"], cb["status"], cb["call_id"]) == ("+79161234567", "pending", row["id"])
+    [crm] = stack["crm"].call(row["uniqueid"])  # a CRM makes its "call back" task from this
+    assert (crm["outcome"], crm["missed"], crm["callback_requested"], crm["agent_endpoint"]) == (
+        "missed_no_answer", True, True, None)
 
 
 async def test_out_of_hours_plays_the_message_and_logs_a_missed_call(stack, db, agents):
@@ -435,6 +495,15 @@ async def test_database_down_the_call_falls_back_and_its_row_arrives_later(stack
     assert len(rows) == 1, explain(stack)
     assert steps[-2:] == ["error", "fallback"], (rows[0]["route_log"], explain(stack))
     assert (rows[0]["outcome"], rows[0]["missed"], rows[0]["agent"]) == ("answered", False, "agent1"), rows[0]
+    # the CRM hears of it once the row is in: the post saved last carries both reports' merged row
+    deadline = time.monotonic() + 15
+    while True:
+        posts = stack["crm"].call(rows[0]["uniqueid"], timeout=1)
+        last = max(posts, key=lambda b: b["saved_at"]) if posts else {}
+        if last.get("agent_endpoint") == "agent1" or time.monotonic() > deadline:
+            break
+    assert (last.get("outcome"), last.get("agent_endpoint"), last.get("call_id")) == (
+        "answered", "agent1", rows[0]["id"]), (posts, explain(stack))
 
 
 async def test_feature_code_from_the_agents_phone_logs_them_out(stack, db, agents):
