@@ -62,5 +62,6 @@ class App:
         )
         menu = Menu(timeout=config.inbound.menu_timeout, retries=config.inbound.menu_retries)
         directory = Directory(pool, timezone=config.shop.timezone, default_menu=menu)
-        return cls(config, pool, prompts, directory, CallLog(pool, config.spool_dir, calls_url=config.webhooks.calls_url))
+        calllog = CallLog(pool, config.spool_dir, calls_url=config.webhooks.calls_url)
+        return cls(config, pool, prompts, directory, calllog)
 
