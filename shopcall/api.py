@@ -11,6 +11,7 @@ Entry point: `runner = await start_api(config, pool)`; `await runner.stop()`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -29,6 +31,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from shopcall import stats
 from shopcall.call import check_endpoint
+from shopcall.calllog import RECORDING_LINK
 from shopcall.config import is_loopback
 from shopcall.directory import Directory, Menu
 from shopcall.listener import parse_allow, peer_allowed
@@ -335,7 +338,46 @@ async def list_calls(request: web.Request) -> web.StreamResponse:
     async with request.app[POOL].connection() as conn:
         cur = await conn.execute(_CALLS, (e164, limit))
         rows = await cur.fetchall()
-    return _json({"phone": e164, "calls": [dict(r) for r in rows]})
+    calls = [{**r, "recording": RECORDING_LINK.format(r["id"]) if r["recorded"] else None} for r in rows]
+    return _json({"phone": e164, "calls": calls})
+
+
+BIGINT_MAX = 2**63 - 1
+
+
+def _recording_file(stored: str, recordings_dir: Path) -> tuple[Path | None, str]:
+    """The file to serve, or None and why not. Only what we recorded is served, whatever a row says."""
+    base, path = recordings_dir.resolve(), Path(stored).resolve()
+    if not path.is_relative_to(base):
+        log.error("recording %s is outside recordings_dir %s: not served", path, base)
+        return None, "is not in recordings_dir"
+    if not path.is_file():
+        return None, "file is missing"
+    return path, ""
+
+
+async def get_recording(request: web.Request) -> web.StreamResponse:
+    """The call's recording as WAV (Range requests answered, so a CRM's player can seek)."""
+    _query(request, set())
+    raw = request.match_info["call_id"]
+    call_id = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 20 else 0
+    if not 1 <= call_id <= BIGINT_MAX:
+        raise ApiError(404, f"no call has id {raw[:20]!r}", {"call_id": raw[:20]})
+    async with request.app[POOL].connection() as conn:
+        cur = await conn.execute("SELECT recording_path, recording_purged_at FROM calls WHERE id = %s", (call_id,))
+        row = await cur.fetchone()
+    if row is None:
+        raise ApiError(404, f"no call has id {call_id}", {"call_id": call_id})
+    if row["recording_path"] is None:
+        if row["recording_purged_at"] is not None:
+            raise ApiError(410, "the recording was deleted after recording.retention_days",
+                           {"call_id": call_id, "purged_at": row["recording_purged_at"].isoformat()})
+        raise ApiError(404, "this call was not recorded", {"call_id": call_id})
+    path, problem = await asyncio.to_thread(_recording_file, row["recording_path"], request.app[CONFIG].recordings_dir)
+    if path is None:
+        raise ApiError(404, f"the recording {problem}", {"call_id": call_id})
+    return web.FileResponse(path, headers={
+        "Content-Type": "audio/wav", "Content-Disposition": f'attachment; filename="call-{call_id}.wav"'})
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -439,6 +481,21 @@ OPENAPI: dict[str, Any] = {
                 "phone": {"type": "string"}, "calls": {"type": "array", "items": {"type": "object"}}}}),
                 "400": _err("not a phone number, bad limit or unknown parameter"), **_AUTH_ERRORS},
         }},
+        "/api/v1/calls/{call_id}/recording": {"get": {
+            "summary": "A call's recording (WAV; Range requests are answered)",
+            "parameters": [{"name": "call_id", "in": "path", "required": True,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX}}],
+            "responses": {
+                "200": {"description": "the recording", "content": {"audio/wav": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "206": {"description": "the part asked for with Range", "content": {"audio/wav": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "400": _err("a query parameter (this operation takes none)"),
+                "404": _err("no such call, the call was not recorded, or its file is missing"),
+                "410": _err("the recording was deleted after recording.retention_days"),
+                "416": {"description": "a Range outside the file"},
+                **_AUTH_ERRORS},
+        }},
         "/api/openapi.json": {"get": {
             "summary": "This document", "security": [],
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
@@ -475,6 +532,7 @@ def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
     app.router.add_get("/api/v1/agents", list_agents)
     app.router.add_post("/api/v1/agents/{endpoint}", set_agent)
     app.router.add_get("/api/v1/calls", list_calls)
+    app.router.add_get(r"/api/v1/calls/{call_id}/recording", get_recording)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
     from shopcall import api_outbound

@@ -62,6 +62,6 @@ class App:
         )
         menu = Menu(timeout=config.inbound.menu_timeout, retries=config.inbound.menu_retries)
         directory = Directory(pool, timezone=config.shop.timezone, default_menu=menu)
-        calllog = CallLog(pool, config.spool_dir, calls_url=config.webhooks.calls_url)
+        calllog = CallLog(pool, config.spool_dir, calls_url=config.webhooks.calls_url, api_url=config.api.public_url)
         return cls(config, pool, prompts, directory, calllog)
 

@@ -165,18 +165,24 @@ _CALL_BODY = ", ".join(f"'{k}', {v}" for k, v in {
     "agent_endpoint": "saved.answered_endpoint",
     "agent_name": "e.name",
     "recording_path": "saved.recording_path",
+    # the API's link to the file (absolute with api.public_url); fetched with a bearer token
+    "recording_url": "CASE WHEN saved.recording_path IS NOT NULL "
+                     "THEN replace(%(recording_link)s, '{}', saved.id::text) END",
     "callback_requested": "%(callback_requested)s::boolean",
     "survey_answer": "%(survey_answer)s::integer",
     "saved_at": "now()",
 }.items())
+RECORDING_LINK = "/api/v1/calls/{}/recording"  # the API's (shopcall/api.py), with the call's id
 _SAVE = _save_statement(post=False)
 _SAVE_POSTED = _save_statement(post=True)
 
 
 class CallLog:
-    def __init__(self, pool: AsyncConnectionPool, spool_dir: Path, *, calls_url: str = "") -> None:
+    def __init__(self, pool: AsyncConnectionPool, spool_dir: Path, *, calls_url: str = "",
+                 api_url: str = "") -> None:
         self.pool = pool
         self.calls_url = calls_url  # empty: calls are not posted
+        self.recording_link = api_url.rstrip("/") + RECORDING_LINK
         self.spool = spool_dir / "calls.jsonl"
         self._spool_lock = asyncio.Lock()
 
@@ -201,7 +207,7 @@ class CallLog:
         save = _SAVE
         if self.calls_url:
             save = _SAVE_POSTED
-            params.update(calls_url=self.calls_url, callback_requested=callback)
+            params.update(calls_url=self.calls_url, callback_requested=callback, recording_link=self.recording_link)
         if not rec.survey_answer and not callback:
             async with self.pool.connection() as conn:
                 await conn.execute(save, params)

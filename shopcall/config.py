@@ -388,6 +388,8 @@ class WebhooksConfig:
 class ApiConfig:
     listen: str = _setting("127.0.0.1", str, "a non-empty address", _nonempty)
     port: int = _number(8085, int, lo=1, hi=65535)
+    # where the shop's systems reach this API (behind a proxy, say): links in webhooks are made from it
+    public_url: str = _setting("", str, "an http(s) URL or empty", _check_url)
     allow: tuple[str, ...] = _setting((), list, "a list of addresses/networks", _check_allow, tuple)
     tokens: tuple[str, ...] = _setting((), list, "a list of bearer tokens", None, tuple, repr=False)
     # requests a second per token (a burst of rate_burst is let through); 0 turns the limit off

@@ -41,7 +41,7 @@ _warned_unsigned = False
 _CLAIM = """
 WITH due AS (
     SELECT id FROM webhook_outbox
-    WHERE status = 'pending' AND next_try_at <= now()
+    WHERE status = 'pending' AND next_try_at <= now() AND kind = ANY(%(kinds)s)
     ORDER BY next_try_at, id LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
@@ -148,15 +148,23 @@ async def _deliver(pool: AsyncConnectionPool, session: aiohttp.ClientSession, ro
     return False
 
 
+def configured_kinds(hooks: WebhooksConfig) -> tuple[str, ...]:
+    """The kinds a process has a URL for: the only ones it posts (and signs with its secret)."""
+    urls = {"result": hooks.results_url, "message": hooks.messages_url, "call": hooks.calls_url}
+    return tuple(kind for kind in KINDS if urls[kind])
+
+
 async def send_due(
     pool: AsyncConnectionPool, config: Config | WebhooksConfig, *,
-    session: aiohttp.ClientSession | None = None, limit: int = 50,
+    session: aiohttp.ClientSession | None = None, limit: int = 50, kinds: tuple[str, ...] = KINDS,
 ) -> int:
-    """Post the webhooks that are due; returns how many the shop acknowledged. Safe in several processes."""
+    """Post the webhooks of `kinds` that are due; returns how many the shop acknowledged. Safe in several
+    processes."""
     hooks = config.webhooks if isinstance(config, Config) else config
     async with pool.connection() as conn, conn.transaction():  # committed before any POST
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(_CLAIM, {"limit": limit, "lease": hooks.timeout + LEASE_MARGIN_SECONDS})
+        await cur.execute(_CLAIM, {"limit": limit, "lease": hooks.timeout + LEASE_MARGIN_SECONDS,
+                                   "kinds": list(kinds)})
         rows = sorted(await cur.fetchall(), key=lambda r: r["id"])
     if not rows:
         return 0
@@ -180,12 +188,15 @@ async def run_forever(pool: AsyncConnectionPool, config: Config | WebhooksConfig
     """Post due webhooks every poll_seconds until cancelled; outages are logged and waited out."""
     hooks = config.webhooks if isinstance(config, Config) else config
     limit = 50
+    # a process posts only what it was configured for: one that knows the CRM's URL alone (an ESL-only
+    # box, say) does not post robot results, signed with its own secret, to wherever their rows point
+    kinds = configured_kinds(hooks)
     pruner = Pruner(pool, "webhook_outbox", hooks.keep_sent_days)
     async with aiohttp.ClientSession() as session:
         while True:
             delivered = 0
             try:
-                delivered = await send_due(pool, hooks, session=session, limit=limit)
+                delivered = await send_due(pool, hooks, session=session, limit=limit, kinds=kinds)
                 await pruner.maybe()
             except (psycopg.OperationalError, PoolTimeout) as exc:
                 log.error("webhooks: database unavailable (%s); trying again in %g s", exc, hooks.poll_seconds)

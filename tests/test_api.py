@@ -10,9 +10,11 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+import wave
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -305,6 +307,79 @@ async def test_calls_by_phone(client, seeded):
 async def test_calls_bad_parameters(client, query, parameter):
     resp = await client.get("/api/v1/calls", params=query, headers=AUTH)
     assert resp.status == 400 and (await resp.json())["detail"]["parameter"] == parameter
+
+
+# --------------------------------------------------------------------------- recordings
+
+
+@pytest.fixture
+async def recordings(pool, conn, tmp_path) -> AsyncIterator[tuple[aiohttp.ClientSession, dict[str, int], Path]]:
+    """An API whose recordings_dir is a temporary one, and calls: recorded, not recorded, purged, a file gone,
+    and a row whose path points outside recordings_dir. Yields the client, call ids by name, the WAV."""
+    rec_dir = tmp_path / "recordings"
+    wav = rec_dir / "2026" / "11" / "25" / "r.1.wav"
+    wav.parent.mkdir(parents=True)
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.writeframes(bytes(range(256)) * 64)
+    outside = tmp_path / "secret.wav"
+    outside.write_bytes(b"RIFF not yours")
+    log = CallLog(pool, tmp_path / "spool")
+    paths = {"recorded": wav, "plain": None, "purged": None, "gone": rec_dir / "r.4.wav", "outside": outside}
+    ids = {}
+    for i, (name, path) in enumerate(paths.items()):
+        assert await log.save(CallRecord(f"r.{i}", "asterisk", "89161234567", "Ivan", "100",
+                                         caller_e164="+79161234567", started_at=MSK + timedelta(minutes=i),
+                                         outcome="answered", missed=False,
+                                         recording_path=str(path) if path else None))
+        ids[name] = (await (await conn.execute("SELECT id FROM calls WHERE uniqueid = %s", (f"r.{i}",))).fetchone())["id"]
+    # saving checks the file exists: point the rows at theirs afterwards, as a later deletion would
+    await conn.execute("UPDATE calls SET recording_path = %s WHERE id = %s", (str(paths["gone"]), ids["gone"]))
+    await conn.execute("UPDATE calls SET recording_purged_at = now() WHERE id = %s", (ids["purged"],))
+    config = replace(api_config(), paths=replace(Config.default().paths, recordings_dir=rec_dir))
+    runner = await start_api(config, pool)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{runner.port}") as client:
+        yield client, ids, wav
+    await runner.stop()
+
+
+async def test_a_recording_is_served_whole_and_by_range(recordings):
+    client, ids, wav = recordings
+    resp = await client.get(f"/api/v1/calls/{ids['recorded']}/recording", headers=AUTH)
+    assert resp.status == 200 and resp.headers["Content-Type"] == "audio/wav"
+    assert f'filename="call-{ids["recorded"]}.wav"' in resp.headers["Content-Disposition"]
+    assert await resp.read() == wav.read_bytes()
+    resp = await client.get(f"/api/v1/calls/{ids['recorded']}/recording", headers={**AUTH, "Range": "bytes=44-99"})
+    assert resp.status == 206 and await resp.read() == wav.read_bytes()[44:100]
+    resp = await client.get(f"/api/v1/calls/{ids['recorded']}/recording")
+    assert resp.status == 401  # a recording is personal data: the token is needed as everywhere
+
+
+async def test_recordings_that_cannot_be_served_say_why(recordings):
+    client, ids, _ = recordings
+
+    async def fetch(call_id: object) -> tuple[int, str]:
+        resp = await client.get(f"/api/v1/calls/{call_id}/recording", headers=AUTH)
+        return resp.status, (await resp.json())["error"]
+
+    assert await fetch(ids["plain"]) == (404, "this call was not recorded")
+    status, error = await fetch(ids["purged"])
+    assert status == 410 and "retention_days" in error
+    assert await fetch(ids["gone"]) == (404, "the recording file is missing")
+    assert await fetch(ids["outside"]) == (404, "the recording is not in recordings_dir")
+    for bad in ("999999", "abc", "99999999999999999999", "-1", "0", "%D9%A3"):  # the last: an Arabic-Indic 3
+        status, error = await fetch(bad)
+        assert status == 404 and error.startswith("no call has id"), (bad, error)
+    resp = await client.get(f"/api/v1/calls/{ids['recorded']}/recording?x=1", headers=AUTH)
+    assert resp.status == 400
+
+
+async def test_the_call_history_links_each_recording(recordings):
+    client, ids, _ = recordings
+    resp = await client.get("/api/v1/calls", params={"phone": "+79161234567"}, headers=AUTH)
+    links = {c["id"]: c["recording"] for c in (await resp.json())["calls"]}
+    assert links[ids["recorded"]] == f"/api/v1/calls/{ids['recorded']}/recording"
+    assert links[ids["plain"]] is None and links[ids["purged"]] is None
 
 
 # --------------------------------------------------------------------------- openapi, healthz

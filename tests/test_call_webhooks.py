@@ -34,10 +34,12 @@ def hooks(url: str) -> WebhooksConfig:
 @pytest.fixture
 async def app(conn, pool, tmp_path, shop) -> App:  # noqa: F811
     await load(conn, read(DIRECTORY))
-    config = dataclasses.replace(Config.default(), webhooks=hooks(shop.url))
+    default = Config.default()
+    config = dataclasses.replace(default, webhooks=hooks(shop.url),
+                                 paths=dataclasses.replace(default.paths, recordings_dir=tmp_path / "recordings"))
     directory = Directory(pool, timezone="Europe/Moscow", default_menu=Menu(timeout=2, retries=1))
-    return App(config, pool, PromptNames(), directory, CallLog(pool, tmp_path / "spool", calls_url=shop.url),
-               clock=lambda: WEDNESDAY_NOON)
+    calllog = CallLog(pool, tmp_path / "spool", calls_url=shop.url, api_url="https://pbx.shop.example:8085/")
+    return App(config, pool, PromptNames(), directory, calllog, clock=lambda: WEDNESDAY_NOON)
 
 
 async def posted(pool, shop) -> list[dict]:  # noqa: F811
@@ -67,7 +69,9 @@ async def test_an_answered_call_reaches_the_crm_with_the_agent_and_times(app, co
     }
     assert 41.5 <= body["talk_seconds"] <= 43
     assert body["wait_seconds"] >= 0
-    assert body["recording_path"] == row["recording_path"]
+    # agents record "always" by default: the file (the scripted PBX's) and the API's link to it
+    assert body["recording_path"] == row["recording_path"] and row["recording_path"].endswith("/1.1.wav")
+    assert body["recording_url"] == f"https://pbx.shop.example:8085/api/v1/calls/{row['id']}/recording"
     assert "survey_answer" in body and body["survey_answer"] is None  # every key, null when not known
     for key in ("started_at", "answered_at", "ended_at", "saved_at"):
         assert body[key].endswith("+00:00")  # ISO 8601 with the offset, as the database stored it
@@ -79,6 +83,7 @@ async def test_a_missed_call_says_a_callback_was_requested(app, conn, pool, shop
     [body] = await posted(pool, shop)
     assert (body["outcome"], body["missed"], body["callback_requested"]) == ("missed_no_answer", True, True)
     assert body["agent_endpoint"] is None and body["talk_seconds"] is None and body["group"] == "sales"
+    assert body["recording_path"] is None and body["recording_url"] is None
     [cb] = await (await conn.execute("SELECT call_id FROM callback_requests")).fetchall()
     assert cb["call_id"] == body["call_id"]
 

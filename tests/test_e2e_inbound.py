@@ -15,16 +15,20 @@ import threading
 import time
 import wave
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote as urlquote
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from shopcall.db import stop_embedded
+from shopcall.api import start_api
+from shopcall.config import ApiConfig, load_config
+from shopcall.db import open_pool, stop_embedded
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, require_asterisk_root
 from tests.pbx.service import REPO, free_tcp_port, prepare_shopcall, running
 from tests.pbx.sipp import SippAgent, free_sip_port, place_call
@@ -206,15 +210,27 @@ async def test_key_2_rings_the_whole_delivery_group_and_logs_who_answered(stack,
         "answered", False, "agent2", "delivery", "2"), explain(stack)
     assert row["caller_e164"] == "+79161234567" and row["dialled_number"] == "100"
     assert row["answered_at"] and row["ended_at"] > row["answered_at"]
+    # agents record "always" by default: MixMonitor wrote the bridged conversation where the row says
+    recorded = Path(row["recording_path"])
+    assert recorded.is_relative_to(stack["work"] / "shopcall" / "recordings"), row["recording_path"]
+    assert recorded_seconds(recorded) > 1.0  # the agent's greeting, 2.5 s of conversation
     # the shop's CRM was told, with Asterisk's uniqueid and the agent who answered
     [crm] = stack["crm"].call(row["uniqueid"])
     assert (crm["call_id"], crm["outcome"], crm["agent_endpoint"], crm["group"], crm["caller_e164"]) == (
         row["id"], "answered", "agent2", "delivery", "+79161234567"), explain(stack)
     assert crm["talk_seconds"] >= 2 and crm["recording_path"] == row["recording_path"]
-    # agents record "always" by default: MixMonitor wrote the bridged conversation where the row says
-    recorded = Path(row["recording_path"])
-    assert recorded.is_relative_to(stack["work"] / "shopcall" / "recordings"), row["recording_path"]
-    assert recorded_seconds(recorded) > 1.0  # the agent's greeting, 2.5 s of conversation
+    # ... and fetches the recording MixMonitor wrote through the API's link
+    assert crm["recording_url"] == f"/api/v1/calls/{row['id']}/recording"
+    config = replace(load_config(stack["work"] / "shopcall.toml"), api=ApiConfig(port=0, tokens=("e2e-token",)))
+    async with open_pool(stack["url"], min_size=1, max_size=2) as pool:
+        api = await start_api(config, pool)
+        try:
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{api.port}") as client:
+                resp = await client.get(crm["recording_url"], headers={"Authorization": "Bearer e2e-token"})
+                assert resp.status == 200 and resp.headers["Content-Type"] == "audio/wav"
+                assert await resp.read() == recorded.read_bytes()
+        finally:
+            await api.stop()
 
 
 async def test_no_input_goes_to_sales(stack, db, agents):

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from shopcall.config import WebhooksConfig
-from shopcall.webhooks import backoff_seconds, encode, enqueue, run_forever, send_due, sign
+from shopcall.webhooks import backoff_seconds, configured_kinds, encode, enqueue, run_forever, send_due, sign
 
 SECRET = "shop-secret"
 CONFIG = WebhooksConfig(secret=SECRET, timeout=2.0, max_backoff_seconds=3600)
@@ -179,7 +179,8 @@ async def test_no_secret_no_signature(conn, pool, shop):
 async def test_run_forever_delivers_and_survives_errors(conn, pool, shop):
     shop.statuses = [503]
     await enqueue(conn, "result", shop.url, {"x": 1})
-    task = asyncio.create_task(run_forever(pool, WebhooksConfig(secret=SECRET, poll_seconds=0.05)))
+    task = asyncio.create_task(run_forever(pool, WebhooksConfig(results_url=shop.url, secret=SECRET,
+                                                                 poll_seconds=0.05)))
     try:
         for _ in range(100):
             await asyncio.sleep(0.05)
@@ -205,3 +206,27 @@ def test_backoff_grows_is_capped_and_jittered():
     assert 9 <= backoff_seconds(2, 3600) <= 11
     assert 54 <= backoff_seconds(50, 60) <= 66
     assert len({backoff_seconds(3, 3600) for _ in range(20)}) > 1
+
+
+async def test_a_process_posts_only_the_kinds_it_has_a_url_for(conn, pool, shop):
+    """A box configured with the CRM's URL alone leaves the robot's results to the processes that know the
+    results URL (and its secret); it would otherwise sign them with its own."""
+    await enqueue(conn, "result", shop.url, {"r": 1})
+    await enqueue(conn, "call", shop.url, {"c": 1})
+    crm_only = WebhooksConfig(calls_url=shop.url, secret=SECRET, poll_seconds=0.05)
+    assert configured_kinds(crm_only) == ("call",)
+    assert configured_kinds(WebhooksConfig()) == ()
+    task = asyncio.create_task(run_forever(pool, crm_only))
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if len(shop.requests) >= 1:
+                break
+        await asyncio.sleep(0.2)  # another poll or two: the result row must still be left alone
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert [json.loads(body) for _, body in shop.requests] == [{"c": 1}]
+    assert {r["kind"]: r["status"] for r in await outbox(conn)} == {"result": "pending", "call": "sent"}
+    assert await send_due(pool, CONFIG, kinds=("result",)) == 1
