@@ -29,7 +29,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from shopcall import stats
+from shopcall import blocklist, stats
 from shopcall.call import check_endpoint
 from shopcall.calllog import RECORDING_LINK
 from shopcall.config import is_loopback
@@ -342,6 +342,58 @@ async def list_calls(request: web.Request) -> web.StreamResponse:
     return _json({"phone": e164, "calls": calls})
 
 
+def _blocked_phone(request: web.Request) -> str:
+    raw = request.match_info["phone"]
+    e164 = to_e164(raw, request.app[CONFIG].shop.country)
+    if e164 is None:
+        raise ApiError(400, f"phone: not a phone number: {raw[:40]!r}", {"parameter": "phone"})
+    return e164
+
+
+async def list_blocked(request: web.Request) -> web.StreamResponse:
+    _query(request, set())
+    async with request.app[POOL].connection() as conn:
+        return _json({"blocked": await blocklist.entries(conn)})
+
+
+BLOCK_FIELDS = ("reason", "days")
+
+
+async def put_blocked(request: web.Request) -> web.StreamResponse:
+    """Refuse this caller's calls (again: the reason and end are replaced)."""
+    _query(request, set())
+    e164 = _blocked_phone(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(422, 'the body must be a JSON object such as {"reason": "spam", "days": 30}')
+    unknown = sorted(set(body) - set(BLOCK_FIELDS))
+    if unknown:
+        raise ApiError(422, f"unknown field {unknown[0]!r}", {"field": unknown[0], "allowed": list(BLOCK_FIELDS)})
+    reason, days = body.get("reason", ""), body.get("days")
+    if not isinstance(reason, str):
+        raise ApiError(422, "reason: expected a string", {"field": "reason"})
+    if days is not None and (isinstance(days, bool) or not isinstance(days, int | float)):
+        raise ApiError(422, "days: expected a number or null", {"field": "days"})
+    try:
+        async with request.app[POOL].connection() as conn:
+            entry = await blocklist.block(conn, e164, reason=reason, days=days, source="api")
+    except ValueError as exc:
+        field = str(exc).split(":", 1)[0]
+        raise ApiError(422, str(exc), {"field": field}) from None
+    log.info("API: calls from %s refused (%s)", e164, entry["until"] or "until removed")
+    return _json(entry)
+
+
+async def delete_blocked(request: web.Request) -> web.StreamResponse:
+    _query(request, set())
+    e164 = _blocked_phone(request)
+    async with request.app[POOL].connection() as conn:
+        if not await blocklist.unblock(conn, e164):
+            raise ApiError(404, f"{e164} is not on the block list", {"phone": e164})
+    log.info("API: calls from %s taken again", e164)
+    return web.Response(status=204)
+
+
 BIGINT_MAX = 2**63 - 1
 
 
@@ -410,6 +462,8 @@ _AUTH_ERRORS = {"401": _err("missing or invalid bearer token, or no api.tokens c
                 "429": _err("over api.rate_per_second for this token, or too many failed authentications "
                             "from this address; wait the Retry-After header's seconds"),
                 "503": _err("database unavailable")}
+_PHONE_PATH = {"name": "phone", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1},
+               "description": "E.164 or a number as dialled in the shop's country (shop.country)"}
 _AGENT = {"type": "object", "required": ["endpoint", "logged_in", "paused"], "properties": {
     "endpoint": {"type": "string"}, "name": {"type": "string"},
     "logged_in": {"type": "boolean"}, "paused": {"type": "boolean"}}}
@@ -425,6 +479,11 @@ OPENAPI: dict[str, Any] = {
             "Error": {"type": "object", "required": ["error"],
                       "properties": {"error": {"type": "string"}, "detail": {}}},
             "Agent": _AGENT,
+            "Blocked": {"type": "object", "required": ["phone", "reason", "until", "source", "created_at"],
+                        "properties": {"phone": {"type": "string"}, "reason": {"type": "string"},
+                                       "until": {"type": ["string", "null"], "format": "date-time"},
+                                       "source": {"type": "string", "enum": ["cli", "api"]},
+                                       "created_at": {"type": "string", "format": "date-time"}}},
             "Table": {"type": "object", "properties": {
                 "title": {"type": "string"}, "columns": {"type": "array", "items": {"type": "string"}},
                 "rows": {"type": "array", "items": {"type": "array"}}}},
@@ -496,6 +555,35 @@ OPENAPI: dict[str, Any] = {
                 "416": {"description": "a Range outside the file"},
                 **_AUTH_ERRORS},
         }},
+        "/api/v1/blocked": {"get": {
+            "summary": "Callers whose calls are refused (the block list), oldest first",
+            "responses": {"200": _ok("the entries in force", {"type": "object", "properties": {
+                "blocked": {"type": "array", "items": {"$ref": "#/components/schemas/Blocked"}}}}),
+                "400": _err("a query parameter (this operation takes none)"), **_AUTH_ERRORS},
+        }},
+        "/api/v1/blocked/{phone}": {
+            "put": {
+                "summary": "Refuse a caller's calls, until removed or for `days`",
+                "parameters": [_PHONE_PATH],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "reason": {"type": "string", "maxLength": blocklist.REASON_MAX},
+                        "days": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                                 "maximum": blocklist.DAYS_MAX}}}}}},
+                "responses": {"200": _ok("the entry", {"$ref": "#/components/schemas/Blocked"}),
+                              "400": _err("not a phone number, body not JSON, or a query parameter"),
+                              "413": _err("body too large"),
+                              "422": _err("body not an object, unknown field, a bad value, or a NUL character"),
+                              **_AUTH_ERRORS},
+            },
+            "delete": {
+                "summary": "Take a caller's calls again",
+                "parameters": [_PHONE_PATH],
+                "responses": {"204": {"description": "removed"},
+                              "400": _err("not a phone number or a query parameter"),
+                              "404": _err("the number is not on the block list"), **_AUTH_ERRORS},
+            },
+        },
         "/api/openapi.json": {"get": {
             "summary": "This document", "security": [],
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
@@ -533,6 +621,9 @@ def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
     app.router.add_post("/api/v1/agents/{endpoint}", set_agent)
     app.router.add_get("/api/v1/calls", list_calls)
     app.router.add_get(r"/api/v1/calls/{call_id}/recording", get_recording)
+    app.router.add_get("/api/v1/blocked", list_blocked)
+    app.router.add_put("/api/v1/blocked/{phone}", put_blocked)
+    app.router.add_delete("/api/v1/blocked/{phone}", delete_blocked)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
     from shopcall import api_outbound

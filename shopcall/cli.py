@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("campaigns", help="campaigns and their jobs by status")
 
+    bl = sub.add_parser("block", help="callers whose calls are refused (spam): add, remove, list")
+    bl.add_argument("action", choices=("add", "remove", "list"))
+    bl.add_argument("phone", nargs="?")
+    bl.add_argument("--reason", default="", help="why, for the list and the call rows")
+    bl.add_argument("--days", type=float, help="lift the block after this many days (default: never)")
+
     sub.add_parser("check-config", help="say what is wrong with the configuration, with line and key")
 
     d = sub.add_parser("db", help="database: migrate, load a directory file, print the URL, stop")
@@ -172,6 +178,9 @@ async def _run(args: argparse.Namespace, config) -> int:
     if args.cmd == "agent":
         return await _agent(config, args.action, args.endpoint)
 
+    if args.cmd == "block":
+        return await _block(config, args)
+
     if args.cmd in ("import", "dnc", "campaigns"):
         from shopcall import outreach_cli
 
@@ -212,6 +221,37 @@ async def _run(args: argparse.Namespace, config) -> int:
         print(await prompts.build_all())
         return 0
     return 2
+
+
+async def _block(config, args: argparse.Namespace) -> int:
+    from shopcall import blocklist, db
+    from shopcall.phone import to_e164
+
+    url = await db.resolve_url(config.database.url, config.pgdata)
+    async with db.open_pool(url, min_size=1, max_size=1) as pool, pool.connection() as conn:
+        if args.action == "list":
+            for r in await blocklist.entries(conn):
+                until = f"until {r['until']:%Y-%m-%d %H:%M}" if r["until"] else "until removed"
+                print(f"{r['phone']:16} {until:22} {r['source']:4} {r['reason']}")
+            return 0
+        e164 = to_e164(args.phone or "", config.shop.country)
+        if e164 is None:
+            print(f"shopcall: block {args.action} needs a phone number (got {args.phone!r})", file=sys.stderr)
+            return 2
+        if args.action == "remove":
+            if not await blocklist.unblock(conn, e164):
+                print(f"shopcall: {e164} is not on the block list", file=sys.stderr)
+                return 1
+            print(f"{e164}: calls are taken again")
+            return 0
+        try:
+            entry = await blocklist.block(conn, e164, reason=args.reason, days=args.days, source="cli")
+        except ValueError as exc:
+            print(f"shopcall: {exc}", file=sys.stderr)
+            return 2
+    until = f"until {entry['until']:%Y-%m-%d %H:%M %Z}" if entry["until"] else "until removed"
+    print(f"{e164}: calls refused {until}")
+    return 0
 
 
 async def _agent(config, action: str, endpoint: str | None) -> int:

@@ -285,6 +285,8 @@ class InboundConfig:
     ring_timeout: int = _number(20, int, lo=1)
     # when closed, say when the number's schedule opens next (off: a recorded after_hours says it already)
     say_next_opening: bool = _setting(True, bool, "true or false")
+    # refuse calls that show no number (anonymous, withheld) as the block list's calls are refused
+    block_anonymous: bool = _setting(False, bool, "true or false")
 
 
 @dataclass(frozen=True)

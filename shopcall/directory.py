@@ -82,6 +82,7 @@ class Caller:
     manager_state: str = "none"  # none | available | logged_out | paused
     last_category: str | None = None
     last_category_group: str | None = None
+    blocked: str | None = None  # on the block list, with this reason ("" when none was given)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Order:
 # A call's route and caller, one row per (dialled number, caller's E.164) key: the number's own row else the
 # catch-all row (route_row NULL: neither), and under caller_* what we know of the caller.
 _LOOKUP = """
-SELECT k.k_dialled, k.k_phone, r.*, cl.*
+SELECT k.k_dialled, k.k_phone, r.*, cl.*, bl.*
   FROM {keys}
   LEFT JOIN LATERAL (
        SELECT n.*, n.number AS route_row,
@@ -128,6 +129,9 @@ SELECT k.k_dialled, k.k_phone, r.*, cl.*
          LEFT JOIN categories lcat ON lcat.name = last.category
          LEFT JOIN groups lg ON lg.id = lcat.group_id
         WHERE c.phone = k.k_phone) cl ON true
+  LEFT JOIN LATERAL (
+       SELECT b.reason AS caller_blocked FROM blocked_callers b
+        WHERE b.phone = k.k_phone AND (b.until IS NULL OR b.until > now())) bl ON true
 """
 # A batch of one names its key in plain parameters: for unnest() of array parameters PostgreSQL's generic
 # plan looks a hundred times dearer than one made for the given arrays, so it planned the statement anew on
@@ -207,8 +211,10 @@ class Directory:
 
     @staticmethod
     def _caller(row: Mapping | None) -> Caller:
-        if row is None or row["caller_id"] is None:
+        if row is None:
             return Caller()
+        if row["caller_id"] is None:
+            return Caller(blocked=row["caller_blocked"])
         manager, state = None, "none"
         if row["caller_emp_id"]:
             state = ("logged_out" if not row["caller_logged_in"] else "paused" if row["caller_paused"]
@@ -217,7 +223,7 @@ class Directory:
                 manager = Member(row["caller_emp_id"], row["caller_emp_name"], row["caller_endpoint"],
                                  row["caller_recording_policy"])
         return Caller(row["caller_id"], row["caller_language"], manager, state, row["caller_last_category"],
-                      row["caller_last_category_group"])
+                      row["caller_last_category_group"], row["caller_blocked"])
 
     async def remember_language(self, e164: str, language: str) -> None:
         """A caller's language choice is kept for their next call (a customer row is made if needed)."""

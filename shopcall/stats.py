@@ -20,18 +20,22 @@ class Table:
     rows: list[tuple]
 
 
-# "wait" is from the start of the call to the answer: greeting, menu and ringing, as the caller lived it
+# "wait" is from the start of the call to the answer: greeting, menu and ringing, as the caller lived it.
+# Calls refused by the block list are counted apart (summary "blocked"): spam is not a missed customer.
 QUERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "summary": ("Summary", ("calls", "answered", "missed", "answer_rate_%", "avg_wait_s", "robot"), """
-        SELECT count(*), count(*) FILTER (WHERE outcome = 'answered'), count(*) FILTER (WHERE missed),
-               round(100.0 * count(*) FILTER (WHERE outcome = 'answered') / NULLIF(count(*), 0), 1),
+    "summary": ("Summary", ("calls", "answered", "missed", "answer_rate_%", "avg_wait_s", "robot", "blocked"), """
+        SELECT count(*) FILTER (WHERE outcome <> 'blocked'), count(*) FILTER (WHERE outcome = 'answered'),
+               count(*) FILTER (WHERE missed),
+               round(100.0 * count(*) FILTER (WHERE outcome = 'answered')
+                     / NULLIF(count(*) FILTER (WHERE outcome <> 'blocked'), 0), 1),
                round(avg(extract(epoch FROM answered_at - started_at))::numeric, 1),
-               count(*) FILTER (WHERE outcome = 'robot')
+               count(*) FILTER (WHERE outcome = 'robot'), count(*) FILTER (WHERE outcome = 'blocked')
           FROM calls WHERE started_at >= %(start)s AND started_at < %(end)s AND direction = 'inbound'"""),
     "missed_by_hour": ("Missed calls by hour", ("hour", "calls", "missed"), """
         SELECT extract(hour FROM started_at AT TIME ZONE %(tz)s)::int AS hour, count(*),
                count(*) FILTER (WHERE missed)
           FROM calls WHERE started_at >= %(start)s AND started_at < %(end)s AND direction = 'inbound'
+           AND outcome <> 'blocked'
          GROUP BY hour ORDER BY hour"""),
     "by_group": ("By group", ("group", "calls", "answered", "missed", "answer_rate_%", "avg_wait_s"), """
         SELECT coalesce(g.name, '-'), count(*), count(*) FILTER (WHERE c.outcome = 'answered'),
@@ -40,12 +44,14 @@ QUERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
                round(avg(extract(epoch FROM c.answered_at - c.started_at))::numeric, 1)
           FROM calls c LEFT JOIN groups g ON g.id = c.group_id
          WHERE c.started_at >= %(start)s AND c.started_at < %(end)s AND c.direction = 'inbound'
+           AND c.outcome <> 'blocked'
          GROUP BY 1 ORDER BY 1"""),
     "by_number": ("By dialled number", ("number", "calls", "answered", "missed", "answer_rate_%"), """
         SELECT dialled_number, count(*), count(*) FILTER (WHERE outcome = 'answered'),
                count(*) FILTER (WHERE missed),
                round(100.0 * count(*) FILTER (WHERE outcome = 'answered') / NULLIF(count(*), 0), 1)
           FROM calls WHERE started_at >= %(start)s AND started_at < %(end)s AND direction = 'inbound'
+           AND outcome <> 'blocked'
          GROUP BY 1 ORDER BY 1"""),
     "callbacks": ("Callback requests", ("status", "requests"), """
         SELECT status, count(*) FROM callback_requests

@@ -18,7 +18,7 @@ from shopcall import db
 TESTS = Path(__file__).resolve().parent
 WIPE = """TRUNCATE callback_requests, calls, orders, customers, numbers, menus, group_members, groups,
           employees, schedules, dial_attempts, dial_jobs, events, webhook_outbox, consents, do_not_call,
-          stock_subscriptions, scripts, campaigns RESTART IDENTITY CASCADE;
+          stock_subscriptions, scripts, campaigns, blocked_callers RESTART IDENTITY CASCADE;
           INSERT INTO campaigns SELECT * FROM test_campaigns_seed"""
 
 

@@ -201,7 +201,7 @@ async def test_stats_json(client, seeded):
     assert list(data["tables"]) == list(stats.QUERIES)
     summary = data["tables"]["summary"]
     assert summary["columns"] == list(stats.QUERIES["summary"][1])
-    assert summary["rows"] == [[3, 1, 2, 33.3, 20.0, 0]]
+    assert summary["rows"] == [[3, 1, 2, 33.3, 20.0, 0, 0]]
     assert data["tables"]["missed_by_hour"]["rows"] == [[12, 2, 1], [13, 1, 1]]
     assert data["tables"]["callbacks"]["rows"] == [["pending", 1]]
     assert data["tables"]["survey_by_agent"]["rows"][0][:3] == ["anna", 1, 1]
@@ -213,7 +213,7 @@ async def test_stats_csv(client, seeded):
     assert resp.status == 200
     assert resp.headers["Content-Type"] == "text/csv; charset=utf-8"
     rows = list(csv.reader(io.StringIO(await resp.text())))
-    assert ["summary", "3", "1", "2", "33.3", "20.0", "0"] in rows
+    assert ["summary", "3", "1", "2", "33.3", "20.0", "0", "0"] in rows
     assert ["by_group", "sales", "2", "1", "1", "50.0", "20.0"] in rows
 
 

@@ -258,6 +258,21 @@ async def test_nobody_answers_missed_row_and_callback(stack, db, agents):
         "missed_no_answer", True, True, None)
 
 
+async def test_a_blocked_caller_is_refused_with_403_and_nobody_rings(stack, db, agents):
+    a = await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
+    db.execute("INSERT INTO blocked_callers (phone, reason) VALUES ('+74951230000', 'spam')")
+    try:
+        call = await place_call("100", from_user="84951230000", digits="1", pbx=stack["sip"],
+                                work_dir=stack["work"], wait_bye=5)
+    finally:
+        db.execute("DELETE FROM blocked_callers")
+    assert not call.answered and call.final_status == 403, explain(stack, *a.values()) + call.log_tail
+    assert a["agent1"].invites_received() == 0
+    [row] = wait_row(db)
+    assert (row["outcome"], row["missed"], row["caller_e164"]) == ("blocked", False, "+74951230000")
+    assert db.execute("SELECT count(*) AS n FROM callback_requests").fetchone()["n"] == 0
+
+
 async def test_out_of_hours_plays_the_message_and_logs_a_missed_call(stack, db, agents):
     a = await agents(agent1=dict(answer_after=0.5, hangup_after=1.0))
     # this caller hangs up at the voicemail tone without a word (SIPp sends no audio at all, so

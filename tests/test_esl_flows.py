@@ -58,6 +58,8 @@ class Outcome:
     vars: dict[str, str]  # variables the flow set for the dialplan
     agent_name: str | None  # the caller name the agents' phones are given, when the flow changed it
     peer: FsPeer | None = None
+    answered: bool = True  # the flow answered the channel
+    hangup: str | None = None  # the cause the flow hung up with, in the PBX's own terms
 
 
 async def run_scripted(app: App, s: Scenario) -> Outcome:
@@ -72,10 +74,12 @@ async def run_scripted(app: App, s: Scenario) -> Outcome:
     await _run(call, app)
     dials = [(a[1], a[2], a[3]) for a in call.actions if a[0] == "dial"]
     languages = {call.language}  # the scripted call names prompts without their language folder
+    hangups = [a[1] for a in call.actions if a[0] == "hangup"]
     return Outcome("1.1", [Path(p).name for p in call.played], languages,
                    sum(a[0] == "collect" for a in call.actions), dials,
                    {k: v for k, v in call.vars.items() if k.startswith("SHOPCALL_")},
-                   call.vars.get("CALLERID(name)"))
+                   call.vars.get("CALLERID(name)"), answered=bool(call.played or dials or call.vars),
+                   hangup=hangups[0] if hangups else None)
 
 
 PEER_APPS = {"collect": "play_and_get_digits", "stream": "playback", "dial": "bridge"}
@@ -100,7 +104,8 @@ async def run_freeswitch(app: App, s: Scenario) -> Outcome:
     return Outcome(peer.uuid, [Path(p).stem for p in prompts], {Path(p).parent.name for p in prompts},
                    sum(a == "play_and_get_digits" for a, _ in peer.apps), dials,
                    {k: v for k, v in peer.vars.items() if k.startswith("SHOPCALL_")},
-                   peer.vars.get("effective_caller_id_name"), peer)
+                   peer.vars.get("effective_caller_id_name"), peer, answered=peer.answered,
+                   hangup=peer.hangup_cause if peer.hung_up else None)
 
 
 _ARG = re.compile(r'"((?:\\.|[^"\\])*)"|(\S+)')
@@ -123,6 +128,8 @@ class AgiPeer:
         self.dials: list[str] = []
         self.collects = 0
         self.dead = False
+        self.answered = False
+        self.hangup: str | None = None
 
     def env(self) -> bytes:
         name = self.s.name.replace("\\", "\\\\").replace('"', '\\"')  # PJSIP's quoted-pair escapes
@@ -192,7 +199,9 @@ class AgiPeer:
             self.vars.update(pair.split("=", 1) for pair in args[2].split(","))
             return "200 result=0\n"
         if verb == ["EXEC", "Hangup"]:
-            self.dead = True
+            self.dead, self.hangup = True, args[2]
+        if line == "ANSWER":
+            self.answered = True
         return "200 result=0\n"
 
 
@@ -216,7 +225,7 @@ async def run_asterisk(app: App, s: Scenario) -> Outcome:
     prompts = [p for p in peer.streams if p.startswith("/sounds/")]
     return Outcome(peer.uid, [Path(p).name for p in prompts], {Path(p).parent.name for p in prompts},
                    peer.collects, dials, {k: v for k, v in peer.vars.items() if k.startswith("SHOPCALL_")},
-                   peer.vars.get("CALLERID(name)"))
+                   peer.vars.get("CALLERID(name)"), answered=peer.answered, hangup=peer.hangup)
 
 
 async def _run(call: Call, app: App) -> None:
@@ -292,6 +301,16 @@ async def test_nobody_answers_missed_row_and_callback_request(place, conn):
     assert (row["outcome"], row["missed"], row["answered_by"]) == ("missed_no_answer", True, None)
     [cb] = await callbacks(conn)
     assert (cb["phone"], cb["status"], cb["reason"], cb["call_id"]) == ("+79161234567", "pending", "no_answer", row["id"])
+
+
+async def test_a_blocked_caller_is_refused_unanswered(place, pbx, conn):
+    await conn.execute("INSERT INTO blocked_callers (phone, reason) VALUES ('+79161234567', 'spam')")
+    out = await place(Scenario(keys=["1"], answers=[("agent1", 5)]))
+    assert not out.answered and out.played == [] and out.dials == []
+    assert out.hangup == {"scripted": "rejected", "asterisk": "21", "freeswitch": "CALL_REJECTED"}[pbx]
+    row = await call_row(conn, out.uid)
+    assert (row["outcome"], row["missed"]) == ("blocked", False)
+    assert await callbacks(conn) == []
 
 
 async def test_after_hours_message_and_missed_row(place, conn):

@@ -42,7 +42,7 @@ async def test_tables_count_what_the_flow_logged(app, conn, pool):
                        "FROM calls c WHERE c.uniqueid = 's.1'")
     await conn.execute("UPDATE survey_answers SET created_at = '2026-11-25 12:05+03'")
     tables = {t.title: t for t in await stats.collect(pool, TODAY, TODAY, "Europe/Moscow")}
-    assert tables["Summary"].rows == [(3, 1, 2, stats_decimal("33.3"), stats_decimal("20.0"), 0)]
+    assert tables["Summary"].rows == [(3, 1, 2, stats_decimal("33.3"), stats_decimal("20.0"), 0, 0)]
     assert tables["Missed calls by hour"].rows == [(12, 3, 2)]
     groups = {r[0]: r[1:4] for r in tables["By group"].rows}
     assert groups["delivery"] == (1, 1, 0) and groups["sales"] == (1, 0, 1)
@@ -68,7 +68,7 @@ async def test_cli_csv(app, conn, pool, pg_url, tmp_path):
                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     rows = list(csv.reader(io.StringIO(out.stdout)))
-    assert rows[0] == ["table", "calls", "answered", "missed", "answer_rate_%", "avg_wait_s", "robot"]
+    assert rows[0] == ["table", "calls", "answered", "missed", "answer_rate_%", "avg_wait_s", "robot", "blocked"]
     assert rows[1][:4] == ["summary", "3", "1", "2"]
     bad = subprocess.run([sys.executable, "-m", "shopcall", "-c", str(cfg), "stats", "--from", "2026-11-25",
                           "--to", "2026-11-01"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)

@@ -17,7 +17,8 @@ import psycopg
 REPO = Path(__file__).resolve().parent.parent.parent
 DIRECTORY = REPO / "tests" / "data" / "directory.toml"
 TABLES = """callback_requests, calls, orders, customers, numbers, menus, group_members, groups, employees,
-            schedules, dial_jobs, events, webhook_outbox, consents, do_not_call, stock_subscriptions, scripts"""
+            schedules, dial_jobs, events, webhook_outbox, consents, do_not_call, stock_subscriptions, scripts,
+            blocked_callers"""
 
 
 def free_tcp_port() -> int:
