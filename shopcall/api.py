@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -240,6 +240,18 @@ async def read_json(request: web.Request) -> Any:
     return body
 
 
+async def read_object(request: web.Request, allowed: Iterable[str], what: str) -> dict:
+    """The body as a JSON object of `allowed` fields (`what` says what such an object is): a body that is
+    not an object, or a field that is not allowed, is a 422 naming it."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(422, f"the body must be a JSON object {what}", {"allowed": sorted(allowed)})
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ApiError(422, f"unknown field {unknown[0]!r}", {"field": unknown[0], "allowed": sorted(allowed)})
+    return body
+
+
 def _unstorable_at(body: Any) -> tuple[str, str] | None:
     """(path such as "items[0].name", what) of a string in a parsed JSON value that the database cannot store."""
     todo: list[tuple[str, Any]] = [("", body)]
@@ -298,12 +310,7 @@ async def set_agent(request: web.Request) -> web.StreamResponse:
         check_endpoint(endpoint)
     except ValueError as exc:
         raise ApiError(400, str(exc), {"parameter": "endpoint"}) from None
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise ApiError(422, "the body must be a JSON object such as {\"paused\": true}")
-    unknown = sorted(set(body) - set(AGENT_FIELDS))
-    if unknown:
-        raise ApiError(422, f"unknown field {unknown[0]!r}", {"field": unknown[0], "allowed": list(AGENT_FIELDS)})
+    body = await read_object(request, AGENT_FIELDS, 'such as {"paused": true}')
     for key, value in body.items():
         if not isinstance(value, bool):
             raise ApiError(422, f"{key}: expected true or false, got {json.dumps(value)[:40]}", {"field": key})
@@ -363,12 +370,7 @@ async def put_blocked(request: web.Request) -> web.StreamResponse:
     """Refuse this caller's calls (again: the reason and end are replaced)."""
     _query(request, set())
     e164 = _blocked_phone(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise ApiError(422, 'the body must be a JSON object such as {"reason": "spam", "days": 30}')
-    unknown = sorted(set(body) - set(BLOCK_FIELDS))
-    if unknown:
-        raise ApiError(422, f"unknown field {unknown[0]!r}", {"field": unknown[0], "allowed": list(BLOCK_FIELDS)})
+    body = await read_object(request, BLOCK_FIELDS, 'such as {"reason": "spam", "days": 30}')
     reason, days = body.get("reason", ""), body.get("days")
     if not isinstance(reason, str):
         raise ApiError(422, "reason: expected a string", {"field": "reason"})

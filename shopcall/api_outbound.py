@@ -117,13 +117,10 @@ def _check_campaign_field(key: str, value: Any) -> None:
 async def patch_campaign(request: web.Request) -> web.StreamResponse:
     api._query(request, set())
     name = request.match_info["name"]
-    body = await api.read_json(request)
-    if not isinstance(body, dict) or not body:
+    body = await api.read_object(request, _EDITABLE, "of fields to change")
+    if not body:
         raise api.ApiError(422, "the body must be a JSON object of fields to change",
                            {"allowed": sorted(_EDITABLE)})
-    unknown = sorted(set(body) - set(_EDITABLE))
-    if unknown:
-        raise api.ApiError(422, f"unknown field {unknown[0]!r}", {"field": unknown[0], "allowed": sorted(_EDITABLE)})
     for key, value in body.items():
         _check_campaign_field(key, value)
     values = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in body.items()}

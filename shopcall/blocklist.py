@@ -3,8 +3,6 @@ the CLI (`shopcall block`) and the API (`/api/v1/blocked`)."""
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import psycopg
 from psycopg.rows import dict_row
 
@@ -50,10 +48,9 @@ async def unblock(conn: psycopg.AsyncConnection, e164: str) -> bool:
     return cur.rowcount > 0
 
 
-async def entries(conn: psycopg.AsyncConnection, *, now: datetime | None = None) -> list[dict]:
+async def entries(conn: psycopg.AsyncConnection) -> list[dict]:
     """The entries still in force, oldest first (one whose `until` has passed is no longer listed)."""
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(
-        """SELECT phone, reason, until, source, created_at FROM blocked_callers
-            WHERE until IS NULL OR until > coalesce(%s, now()) ORDER BY created_at, phone""", (now,))
+    await cur.execute("""SELECT phone, reason, until, source, created_at FROM blocked_callers
+                          WHERE until IS NULL OR until > now() ORDER BY created_at, phone""")
     return await cur.fetchall()
