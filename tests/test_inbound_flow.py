@@ -11,7 +11,7 @@ import pytest
 from shopcall.app import App
 from shopcall.call import CallEnded, CallInfo, DialResult, DialStatus
 from shopcall.calllog import CallLog
-from shopcall.config import Config
+from shopcall.config import Config, PathsConfig
 from shopcall.directory import Directory, Menu
 from shopcall.flows.inbound import inbound
 from shopcall.loader import load, read
@@ -25,7 +25,8 @@ WEDNESDAY_NOON = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)  # 12:00 in Moscow
 @pytest.fixture
 async def app(conn, pool, tmp_path) -> App:
     await load(conn, read(DIRECTORY))
-    config = Config.default()
+    # data (recordings, voicemail, spool) under the test's own directory, never the machine's /var/lib
+    config = dataclasses.replace(Config.default(), paths=PathsConfig(data_dir=tmp_path))
     directory = Directory(pool, timezone="Europe/Moscow", default_menu=Menu(timeout=2, retries=1))
     return App(config, pool, PromptNames(), directory, CallLog(pool, tmp_path / "spool"),
                clock=lambda: WEDNESDAY_NOON)
