@@ -226,6 +226,14 @@ def _int_param(query: Mapping[str, str], name: str, default: int, lo: int, hi: i
     return value
 
 
+def _phone_param(request: web.Request, raw: str) -> str:
+    """A `phone` parameter (E.164, or a number as dialled in shop.country) as E.164, else a 400."""
+    e164 = to_e164(raw, request.app[CONFIG].shop.country)
+    if e164 is None:
+        raise ApiError(400, f"phone: not a phone number: {raw[:40]!r}", {"parameter": "phone"})
+    return e164
+
+
 async def read_json(request: web.Request) -> Any:
     try:
         body = await request.json(loads=json.loads)
@@ -338,9 +346,7 @@ async def list_calls(request: web.Request) -> web.StreamResponse:
     raw = q.get("phone")
     if not raw:
         raise ApiError(400, "phone: required (E.164 such as +74951234567, or a local number)", {"parameter": "phone"})
-    e164 = to_e164(raw, request.app[CONFIG].shop.country)
-    if e164 is None:
-        raise ApiError(400, f"phone: not a phone number: {raw[:40]!r}", {"parameter": "phone"})
+    e164 = _phone_param(request, raw)
     limit = _int_param(q, "limit", 50, 1, CALLS_LIMIT_MAX)
     async with request.app[POOL].connection() as conn:
         cur = await conn.execute(_CALLS, (e164, limit))
@@ -349,12 +355,33 @@ async def list_calls(request: web.Request) -> web.StreamResponse:
     return _json({"phone": e164, "calls": calls})
 
 
+CALLBACK_STATUSES = ("pending", "in_progress", "done", "failed")
+_CALLBACKS = """
+SELECT r.id, r.phone, r.reason, r.status, r.attempts, r.last_result, g.name AS "group", r.agent_endpoint,
+       r.call_id, r.customer_id, r.created_at, r.due_at, r.done_at
+  FROM callback_requests r LEFT JOIN groups g ON g.id = r.group_id
+ WHERE r.status = ANY(%s) AND (%s::text IS NULL OR r.phone = %s)
+ ORDER BY r.due_at, r.id LIMIT %s"""
+
+
+async def list_callbacks(request: web.Request) -> web.StreamResponse:
+    """The callback queue, the soonest due first: by default the requests still open (pending and in
+    progress), the ones a CRM shows as "to call back"."""
+    q = _query(request, {"status", "phone", "limit"})
+    statuses = q.get("status", "pending,in_progress").split(",")
+    wrong = [st for st in statuses if st not in CALLBACK_STATUSES]
+    if wrong:
+        raise ApiError(400, f"status: {wrong[0][:40]!r} is not one of {', '.join(CALLBACK_STATUSES)}",
+                       {"parameter": "status", "allowed": list(CALLBACK_STATUSES)})
+    e164 = _phone_param(request, q["phone"]) if "phone" in q else None
+    limit = _int_param(q, "limit", 100, 1, CALLS_LIMIT_MAX)
+    async with request.app[POOL].connection() as conn:
+        cur = await conn.execute(_CALLBACKS, (statuses, e164, e164, limit))
+        return _json({"callbacks": await cur.fetchall()})
+
+
 def _blocked_phone(request: web.Request) -> str:
-    raw = request.match_info["phone"]
-    e164 = to_e164(raw, request.app[CONFIG].shop.country)
-    if e164 is None:
-        raise ApiError(400, f"phone: not a phone number: {raw[:40]!r}", {"parameter": "phone"})
-    return e164
+    return _phone_param(request, request.match_info["phone"])
 
 
 async def list_blocked(request: web.Request) -> web.StreamResponse:
@@ -557,6 +584,22 @@ OPENAPI: dict[str, Any] = {
                 "416": {"description": "a Range outside the file"},
                 **_AUTH_ERRORS},
         }},
+        "/api/v1/callbacks": {"get": {
+            "summary": "Callback requests, the soonest due first (default: the open ones)",
+            "parameters": [
+                {"name": "status", "in": "query", "schema": {"type": "string"},
+                 "description": "comma-separated, of " + ", ".join(CALLBACK_STATUSES)
+                                + " (default: pending,in_progress)"},
+                {"name": "phone", "in": "query", "schema": {"type": "string", "minLength": 1},
+                 "description": "E.164 or a number as dialled in the shop's country (shop.country)"},
+                {"name": "limit", "in": "query",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": CALLS_LIMIT_MAX, "default": 100}},
+            ],
+            "responses": {"200": _ok("the requests", {"type": "object", "properties": {
+                "callbacks": {"type": "array", "items": {"type": "object"}}}}),
+                "400": _err("an unknown status, not a phone number, bad limit or unknown parameter"),
+                **_AUTH_ERRORS},
+        }},
         "/api/v1/blocked": {"get": {
             "summary": "Callers whose calls are refused (the block list), oldest first",
             "responses": {"200": _ok("the entries in force", {"type": "object", "properties": {
@@ -623,6 +666,7 @@ def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
     app.router.add_post("/api/v1/agents/{endpoint}", set_agent)
     app.router.add_get("/api/v1/calls", list_calls)
     app.router.add_get(r"/api/v1/calls/{call_id}/recording", get_recording)
+    app.router.add_get("/api/v1/callbacks", list_callbacks)
     app.router.add_get("/api/v1/blocked", list_blocked)
     app.router.add_put("/api/v1/blocked/{phone}", put_blocked)
     app.router.add_delete("/api/v1/blocked/{phone}", delete_blocked)

@@ -309,6 +309,35 @@ async def test_calls_bad_parameters(client, query, parameter):
     assert resp.status == 400 and (await resp.json())["detail"]["parameter"] == parameter
 
 
+# --------------------------------------------------------------------------- callbacks
+
+
+async def test_the_callback_queue_lists_the_open_requests(client, seeded, conn):
+    resp = await client.get("/api/v1/callbacks", headers=AUTH)
+    assert resp.status == 200
+    [cb] = (await resp.json())["callbacks"]
+    call_id = (await (await conn.execute("SELECT id FROM calls WHERE uniqueid = 'a.2'")).fetchone())["id"]
+    assert (cb["phone"], cb["reason"], cb["status"], cb["group"], cb["call_id"], cb["attempts"]) == (
+        "+79161234567", "no_answer", "pending", "sales", call_id, 0)
+    for phone, found in (("8 916 123-45-67", 1), ("+74957778899", 0)):
+        resp = await client.get("/api/v1/callbacks", params={"phone": phone}, headers=AUTH)
+        assert len((await resp.json())["callbacks"]) == found
+    await conn.execute("UPDATE callback_requests SET status = 'done', done_at = now()")
+    assert (await (await client.get("/api/v1/callbacks", headers=AUTH)).json())["callbacks"] == []
+    resp = await client.get("/api/v1/callbacks", params={"status": "done,failed"}, headers=AUTH)
+    [done] = (await resp.json())["callbacks"]
+    assert done["status"] == "done" and done["done_at"]
+
+
+@pytest.mark.parametrize("query, parameter", [
+    ({"status": "open"}, "status"), ({"status": "pending,"}, "status"), ({"phone": "hello"}, "phone"),
+    ({"limit": "0"}, "limit"), ({"sort": "x"}, "sort"),
+])
+async def test_the_callback_queue_says_what_is_wrong(client, query, parameter):
+    resp = await client.get("/api/v1/callbacks", params=query, headers=AUTH)
+    assert resp.status == 400 and (await resp.json())["detail"]["parameter"] == parameter
+
+
 # --------------------------------------------------------------------------- recordings
 
 
