@@ -380,10 +380,6 @@ async def list_callbacks(request: web.Request) -> web.StreamResponse:
         return _json({"callbacks": await cur.fetchall()})
 
 
-def _blocked_phone(request: web.Request) -> str:
-    return _phone_param(request, request.match_info["phone"])
-
-
 async def list_blocked(request: web.Request) -> web.StreamResponse:
     _query(request, set())
     async with request.app[POOL].connection() as conn:
@@ -396,7 +392,7 @@ BLOCK_FIELDS = ("reason", "days")
 async def put_blocked(request: web.Request) -> web.StreamResponse:
     """Refuse this caller's calls (again: the reason and end are replaced)."""
     _query(request, set())
-    e164 = _blocked_phone(request)
+    e164 = _phone_param(request, request.match_info["phone"])
     body = await read_object(request, BLOCK_FIELDS, 'such as {"reason": "spam", "days": 30}')
     reason, days = body.get("reason", ""), body.get("days")
     if not isinstance(reason, str):
@@ -406,16 +402,15 @@ async def put_blocked(request: web.Request) -> web.StreamResponse:
     try:
         async with request.app[POOL].connection() as conn:
             entry = await blocklist.block(conn, e164, reason=reason, days=days, source="api")
-    except ValueError as exc:
-        field = str(exc).split(":", 1)[0]
-        raise ApiError(422, str(exc), {"field": field}) from None
+    except blocklist.BlockError as exc:
+        raise ApiError(422, str(exc), {"field": exc.field}) from None
     log.info("API: calls from %s refused (%s)", e164, entry["until"] or "until removed")
     return _json(entry)
 
 
 async def delete_blocked(request: web.Request) -> web.StreamResponse:
     _query(request, set())
-    e164 = _blocked_phone(request)
+    e164 = _phone_param(request, request.match_info["phone"])
     async with request.app[POOL].connection() as conn:
         if not await blocklist.unblock(conn, e164):
             raise ApiError(404, f"{e164} is not on the block list", {"phone": e164})

@@ -8,18 +8,20 @@ from psycopg.rows import dict_row
 
 REASON_MAX = 200
 DAYS_MAX = 36500
-# what PBXes and carriers put where a withheld number would be
-ANONYMOUS = frozenset({"", "anonymous", "unknown", "restricted", "private", "unavailable", "withheld"})
 
 
-def is_anonymous(caller_number: str) -> bool:
-    return caller_number.strip().lower() in ANONYMOUS
+class BlockError(ValueError):
+    """A value the block list cannot take; `field` names it (reason, days)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 def check_reason(reason: str) -> str:
     reason = " ".join(reason.split())  # one line: it is printed in lists and logs
     if len(reason) > REASON_MAX:
-        raise ValueError(f"reason: at most {REASON_MAX} characters")
+        raise BlockError("reason", f"at most {REASON_MAX} characters")
     return reason
 
 
@@ -27,7 +29,7 @@ async def block(conn: psycopg.AsyncConnection, e164: str, *, reason: str = "", d
                 source: str) -> dict:
     """Block (or re-block, replacing reason and end) a caller for `days` (None: until unblocked)."""
     if days is not None and not 0 < days <= DAYS_MAX:  # also NaN
-        raise ValueError(f"days: more than 0 and at most {DAYS_MAX}")
+        raise BlockError("days", f"more than 0 and at most {DAYS_MAX}")
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         """INSERT INTO blocked_callers (phone, reason, until, source)

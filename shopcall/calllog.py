@@ -98,7 +98,7 @@ VALUES (%(uniqueid)s, %(pbx)s, %(direction)s, %(caller_number)s, %(caller_e164)s
         %(language)s)
 ON CONFLICT (uniqueid) DO UPDATE SET
     {merge}
-RETURNING id, customer_id, group_id, answered_by
+RETURNING {returning}
 """
 # A second report on one call (a retry, the dialplan's fallback) merges into the row. The report that
 # ended later says how the call ended, whichever of them reaches the database first (a spooled row is
@@ -121,8 +121,8 @@ def _save_statement(*, post: bool) -> str:
     """One statement, so atomic without BEGIN/COMMIT round trips: the row, and who answered it becomes the
     employee's last call and the customer's manager (sticky routing); with `post`, the row as stored (merged
     with an earlier report) is queued for the shop's calls_url in the same commit."""
-    upsert = _UPSERT.strip().replace("RETURNING id, customer_id, group_id, answered_by", "RETURNING *") \
-        if post else _UPSERT.strip()
+    # the post is built from the whole row as stored; the plain save needs only the ids
+    upsert = _UPSERT.strip().replace("{returning}", "*" if post else "id, customer_id, group_id, answered_by")
     hook = f""",
      posted AS (INSERT INTO webhook_outbox (kind, url, body)
                 SELECT 'call', %(calls_url)s, jsonb_build_object({_CALL_BODY})

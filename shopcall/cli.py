@@ -246,7 +246,7 @@ async def _block(config, args: argparse.Namespace) -> int:
             return 0
         try:
             entry = await blocklist.block(conn, e164, reason=args.reason, days=args.days, source="cli")
-        except ValueError as exc:
+        except blocklist.BlockError as exc:
             print(f"shopcall: {exc}", file=sys.stderr)
             return 2
     until = f"until {entry['until']:%Y-%m-%d %H:%M %Z}" if entry["until"] else "until removed"

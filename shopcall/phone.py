@@ -11,6 +11,15 @@ class InvalidPhone(ValueError):
     pass
 
 
+# what PBXes and carriers put where the caller's number is withheld
+_WITHHELD = frozenset({"", "anonymous", "unknown", "restricted", "private", "unavailable", "withheld"})
+
+
+def is_withheld(caller_number: str) -> bool:
+    """The PBX shows no number for this caller (anonymous, withheld, nothing at all)."""
+    return caller_number.strip().lower() in _WITHHELD
+
+
 @lru_cache(maxsize=4096)  # parsing is ~0.5 ms, a tenth of a call's CPU; callers and campaigns repeat numbers
 def to_e164(raw: str, region: str = "RU") -> str | None:
     """E.164 for a number as a PBX or a shop gives it ("8 916 …", "7916…", "+44…"); None if it is not one

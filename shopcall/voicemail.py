@@ -24,13 +24,12 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from shopcall import mailer
 from shopcall.call import presentable
 from shopcall.config import Config
-from shopcall.phone import to_e164
+from shopcall.phone import is_withheld, to_e164
 from shopcall.transcribe import Transcript, transcribe
 
 log = logging.getLogger("shopcall.voicemail")
 
 HIDDEN = "скрытый номер"
-_HIDDEN = {"anonymous", "unknown", "restricted", "private", "unavailable"}  # what PBXs put for no CLI
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def display_phone(e164: str | None, raw: str) -> str:
         except phonenumbers.NumberParseException:
             return e164
     text = presentable(raw, 40)
-    return HIDDEN if not text or text.lower() in _HIDDEN else text
+    return HIDDEN if is_withheld(text) else text
 
 
 def _duration(seconds: float) -> str:

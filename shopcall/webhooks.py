@@ -1,4 +1,5 @@
-"""Webhooks to the shop (robot-call results, customer messages, finished calls) through the PostgreSQL `webhook_outbox`.
+"""Webhooks to the shop (robot-call results, customer messages, finished calls) through the PostgreSQL
+`webhook_outbox`.
 
 A webhook is a row first, committed with whatever produced it, and an HTTP POST later, so a shop that is
 down only delays it. Rows are retried with capped exponential back-off until the shop answers 2xx; they

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from shopcall import hours, recording, routing, speech
 from shopcall.app import App
-from shopcall.blocklist import is_anonymous
 from shopcall.call import Call, CallEnded, DialStatus, presentable
 from shopcall.calllog import CallRecord, now
 from shopcall.dialplan import fallback_group
 from shopcall.flows import flow
 from shopcall.flows.robot import overflow_robot
+from shopcall.phone import is_withheld
 from shopcall.voicemail import store_voicemail
 
 log = logging.getLogger("shopcall.inbound")
@@ -60,7 +60,7 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
     rec.step("number", number=route.number, menu=route.menu is not None, group=route.group_name,
              category=route.category, customer=caller.customer_id)
     refused = caller.blocked if caller.blocked is not None else (
-        "anonymous" if app.config.inbound.block_anonymous and is_anonymous(call.info.caller_number) else None)
+        "anonymous" if app.config.inbound.block_anonymous and is_withheld(call.info.caller_number) else None)
     if refused is not None:
         # not answered: the caller hears the PBX's rejection (SIP 403 on Asterisk, CALL_REJECTED on
         # FreeSWITCH); the row is neither answered nor missed, and asks for no callback
