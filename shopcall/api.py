@@ -29,7 +29,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from shopcall import blocklist, stats
+from shopcall import blocklist, callbacks, stats
 from shopcall.call import check_endpoint
 from shopcall.calllog import RECORDING_LINK
 from shopcall.config import is_loopback
@@ -356,10 +356,9 @@ async def list_calls(request: web.Request) -> web.StreamResponse:
 
 
 CALLBACK_STATUSES = ("pending", "in_progress", "done", "failed")
-_CALLBACKS = """
-SELECT r.id, r.phone, r.reason, r.status, r.attempts, r.last_result, g.name AS "group", r.agent_endpoint,
-       r.call_id, r.customer_id, r.created_at, r.due_at, r.done_at
-  FROM callback_requests r LEFT JOIN groups g ON g.id = r.group_id
+_CALLBACKS = f"""
+SELECT {callbacks.REQUEST_COLUMNS}
+  FROM callback_requests r
  WHERE r.status = ANY(%s) AND (%s::text IS NULL OR r.phone = %s)
  ORDER BY r.due_at, r.id LIMIT %s"""
 
@@ -378,6 +377,47 @@ async def list_callbacks(request: web.Request) -> web.StreamResponse:
     async with request.app[POOL].connection() as conn:
         cur = await conn.execute(_CALLBACKS, (statuses, e164, e164, limit))
         return _json({"callbacks": await cur.fetchall()})
+
+
+async def get_callback(request: web.Request) -> web.StreamResponse:
+    """One request: how a click to call (or a callback) is going."""
+    _query(request, set())
+    rid = _id_param(request, "request_id", "callback request")
+    async with request.app[POOL].connection() as conn:
+        row = await callbacks.request_row(conn, rid)
+    if row is None:
+        raise ApiError(404, f"no callback request has id {rid}", {"request_id": rid})
+    return _json(row)
+
+
+CLICK_FIELDS = ("agent", "phone", "ref")
+REF_MAX = 200
+
+
+async def post_call(request: web.Request) -> web.StreamResponse:
+    """Click to call: ring the agent's phone, and when they answer dial the customer (202; the call itself
+    comes later, by the callback worker of the agents' PBX)."""
+    _query(request, set())
+    body = await read_object(request, CLICK_FIELDS, 'such as {"agent": "agent1", "phone": "+79161234567"}')
+    for key in ("agent", "phone"):
+        if not isinstance(body.get(key), str) or not body[key]:
+            raise ApiError(422, f"{key}: required, a string", {"field": key})
+    try:
+        endpoint = check_endpoint(body["agent"])
+    except ValueError as exc:
+        raise ApiError(422, f"agent: {exc}", {"field": "agent"}) from None
+    e164 = to_e164(body["phone"], request.app[CONFIG].shop.country)
+    if e164 is None:
+        raise ApiError(422, f"phone: not a phone number: {body['phone'][:40]!r}", {"field": "phone"})
+    ref = body.get("ref")
+    if ref is not None and (not isinstance(ref, str) or len(ref) > REF_MAX):
+        raise ApiError(422, f"ref: a string of at most {REF_MAX} characters, or null", {"field": "ref"})
+    try:
+        row = await callbacks.click_to_call(request.app[POOL], endpoint, e164, ref=ref)
+    except callbacks.ClickToCallError as exc:
+        raise ApiError(exc.status, str(exc), {"field": exc.field}) from None
+    log.info("API: click to call %s from %s (request %s)", e164, endpoint, row["id"])
+    return _json(row, status=202)
 
 
 async def list_blocked(request: web.Request) -> web.StreamResponse:
@@ -421,6 +461,15 @@ async def delete_blocked(request: web.Request) -> web.StreamResponse:
 BIGINT_MAX = 2**63 - 1
 
 
+def _id_param(request: web.Request, name: str, what: str) -> int:
+    """A row id from the path; anything that cannot be one (Unicode digits, beyond bigint) is a 404."""
+    raw = request.match_info[name]
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 20 else 0
+    if not 1 <= value <= BIGINT_MAX:
+        raise ApiError(404, f"no {what} has id {raw[:20]!r}", {name: raw[:20]})
+    return value
+
+
 def _recording_file(stored: str, recordings_dir: Path) -> tuple[Path | None, str]:
     """The file to serve, or None and why not. Only what we recorded is served, whatever a row says."""
     base, path = recordings_dir.resolve(), Path(stored).resolve()
@@ -435,10 +484,7 @@ def _recording_file(stored: str, recordings_dir: Path) -> tuple[Path | None, str
 async def get_recording(request: web.Request) -> web.StreamResponse:
     """The call's recording as WAV (Range requests answered, so a CRM's player can seek)."""
     _query(request, set())
-    raw = request.match_info["call_id"]
-    call_id = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 20 else 0
-    if not 1 <= call_id <= BIGINT_MAX:
-        raise ApiError(404, f"no call has id {raw[:20]!r}", {"call_id": raw[:20]})
+    call_id = _id_param(request, "call_id", "call")
     async with request.app[POOL].connection() as conn:
         cur = await conn.execute("SELECT recording_path, recording_purged_at FROM calls WHERE id = %s", (call_id,))
         row = await cur.fetchone()
@@ -563,6 +609,26 @@ OPENAPI: dict[str, Any] = {
             "responses": {"200": _ok("the calls", {"type": "object", "properties": {
                 "phone": {"type": "string"}, "calls": {"type": "array", "items": {"type": "object"}}}}),
                 "400": _err("not a phone number, bad limit or unknown parameter"), **_AUTH_ERRORS},
+        }, "post": {
+            "summary": "Click to call: ring the agent's phone, then dial the customer when they answer",
+            "description": "Taken by the callback worker of the agents' PBX as soon as the agent's phone is "
+                           "free (within callbacks.click_wait_seconds); a pending callback request for the "
+                           "number is taken over. Follow it with GET /api/v1/callbacks/{id}; the call's "
+                           "webhook carries callback_request_id and crm_ref.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False, "required": ["agent", "phone"], "properties": {
+                    "agent": {"type": "string", "minLength": 1, "description": "the agent's endpoint"},
+                    "phone": {"type": "string", "minLength": 1,
+                              "description": "E.164 or a number as dialled in the shop's country"},
+                    "ref": {"type": ["string", "null"], "maxLength": REF_MAX,
+                            "description": "the CRM's own id for this call"}}}}}},
+            "responses": {"202": _ok("the request", {"type": "object"}),
+                          "400": _err("body not JSON, or a query parameter"),
+                          "404": _err("no employee has this endpoint"),
+                          "409": _err("the agent is being rung for another request, or the number is being called"),
+                          "413": _err("body too large"),
+                          "422": _err("body not an object, unknown field, or a bad agent, phone or ref"),
+                          **_AUTH_ERRORS},
         }},
         "/api/v1/calls/{call_id}/recording": {"get": {
             "summary": "A call's recording (WAV; Range requests are answered)",
@@ -594,6 +660,14 @@ OPENAPI: dict[str, Any] = {
                 "callbacks": {"type": "array", "items": {"type": "object"}}}}),
                 "400": _err("an unknown status, not a phone number, bad limit or unknown parameter"),
                 **_AUTH_ERRORS},
+        }},
+        "/api/v1/callbacks/{request_id}": {"get": {
+            "summary": "One callback or click-to-call request: status, attempts, last result, agent",
+            "parameters": [{"name": "request_id", "in": "path", "required": True,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX}}],
+            "responses": {"200": _ok("the request", {"type": "object"}),
+                          "400": _err("a query parameter (this operation takes none)"),
+                          "404": _err("no such request"), **_AUTH_ERRORS},
         }},
         "/api/v1/blocked": {"get": {
             "summary": "Callers whose calls are refused (the block list), oldest first",
@@ -660,8 +734,10 @@ def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
     app.router.add_get("/api/v1/agents", list_agents)
     app.router.add_post("/api/v1/agents/{endpoint}", set_agent)
     app.router.add_get("/api/v1/calls", list_calls)
+    app.router.add_post("/api/v1/calls", post_call)
     app.router.add_get(r"/api/v1/calls/{call_id}/recording", get_recording)
     app.router.add_get("/api/v1/callbacks", list_callbacks)
+    app.router.add_get("/api/v1/callbacks/{request_id}", get_callback)
     app.router.add_get("/api/v1/blocked", list_blocked)
     app.router.add_put("/api/v1/blocked/{phone}", put_blocked)
     app.router.add_delete("/api/v1/blocked/{phone}", delete_blocked)

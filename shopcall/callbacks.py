@@ -12,15 +12,21 @@ Several workers (processes, hosts) may run this at once: a request is claimed wi
 and the agent under an advisory lock, and the claim is committed before the Originate, so a request is
 never dialled twice at the same time and an agent never gets two callbacks at once. A request whose
 worker died (in_progress too long) is given back by `reconcile`.
+
+A click to call (the CRM's POST /api/v1/calls, `click_to_call`) is a request for one agent (agent_wanted),
+offered before the others as soon as that agent's phone is free; a NOTIFY wakes the workers. One the CRM
+created is tried once; a pending callback the agent took over goes back to the queue if it fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from shopcall.call import PbxError, check_number, presentable
@@ -30,6 +36,9 @@ from shopcall.dialler import DialOutcome, OutcomeUnknown
 log = logging.getLogger("shopcall.callbacks")
 
 RING_GRACE_SECONDS = 60  # after the agent's ring time, an Originate has surely given up
+CHANNEL = "shopcall_callbacks"  # NOTIFYed by a click to call: the workers offer it at once
+CLICK_TO_CALL = "click_to_call"  # the reason of a request the CRM created: tried once
+AGENT_LOCK = 72616003  # advisory lock class: one decision about an agent at a time
 
 
 class AgentPhones(Protocol):
@@ -61,12 +70,24 @@ class Request:
     attempts: int
     group_name: str | None
     agent_endpoint: str | None
+    reason: str = "no_answer"
+    asked_by_agent: bool = False  # a click to call: the agent knows whom they call
 
 
+class ClickToCallError(Exception):
+    """A click to call that cannot be taken: `status` is the HTTP status the API answers with."""
+
+    def __init__(self, status: int, message: str, field: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+# a click to call first (the agent is waiting for it), then the oldest due
 _CLAIM = """
-SELECT id, phone, group_id FROM callback_requests
+SELECT id, phone, group_id, agent_wanted FROM callback_requests
 WHERE status = 'pending' AND due_at <= now() AND NOT (id = ANY(%s))
-ORDER BY due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+ORDER BY (agent_wanted IS NULL), due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
 """
 # the request's group first, then anyone; agents already ringing for (or talking on) a callback are out
 _CANDIDATES = """
@@ -76,6 +97,17 @@ WHERE e.logged_in AND NOT e.paused
 ORDER BY (gm.group_id IS NULL), gm.position, e.last_call_at NULLS FIRST, e.id
 """
 _AGENT_BUSY = "SELECT 1 FROM callback_requests WHERE status = 'in_progress' AND agent_endpoint = %s"
+# what the API shows of a request (GET /api/v1/callbacks, a click to call's answer)
+REQUEST_COLUMNS = """r.id, r.phone, r.reason, r.status, r.attempts, r.last_result,
+       (SELECT name FROM groups g WHERE g.id = r.group_id) AS "group", r.agent_endpoint, r.agent_wanted,
+       r.external_ref, r.call_id, r.customer_id, r.created_at, r.due_at, r.done_at"""
+# a request is tried again later unless its attempts are used up or the CRM asked for it (tried once);
+# a callback the agent took over with a click to call goes back to the queue, for any agent
+_SPENT = f"(attempts >= %(max)s OR reason = '{CLICK_TO_CALL}')"
+_GIVE_BACK = f"""status = CASE WHEN {_SPENT} THEN 'failed' ELSE 'pending' END,
+                 done_at = CASE WHEN {_SPENT} THEN now() END,
+                 agent_wanted = CASE WHEN reason = '{CLICK_TO_CALL}' THEN agent_wanted END,
+                 claimed_at = NULL, agent_endpoint = NULL, connected_at = NULL"""
 
 
 def shown_to_agent(phone: str) -> tuple[str, str]:
@@ -87,34 +119,92 @@ def shown_to_agent(phone: str) -> tuple[str, str]:
 
 async def claim(pool: AsyncConnectionPool, phones: AgentPhones, *, exclude: list[int] | None = None
                 ) -> Offer | None:
-    """Take the oldest due request and a free agent for it; None when there is no request or no agent."""
+    """Take the first due request and a free agent for it; None when there is no request or no agent.
+    A click to call goes to its agent only; while that phone is busy the other requests still go."""
     skipped = list(exclude or [])
     async with pool.connection() as conn, conn.transaction():
-        row = await (await conn.execute(_CLAIM, (skipped,))).fetchone()
-        if row is None:
-            return None
-        for cand in await (await conn.execute(_CANDIDATES, (row["group_id"],))).fetchall():
-            endpoint = cand["endpoint"]
-            # one worker at a time decides about an agent (held until commit, when its claim is visible)
-            got = await (await conn.execute(
-                "SELECT pg_try_advisory_xact_lock(72616003, hashtext(%s)) AS ok", (endpoint,))).fetchone()
-            if not got or not got["ok"]:
-                continue
-            if await (await conn.execute(_AGENT_BUSY, (endpoint,))).fetchone():
-                continue
-            try:
-                if not await phones.is_free(endpoint):
-                    continue
-            except (PbxError, ValueError) as exc:
-                log.warning("whether %s is free is unknown (%s): not offering", endpoint, exc)
-                continue
-            upd = await (await conn.execute(
-                """UPDATE callback_requests SET status = 'in_progress', attempts = attempts + 1,
-                   claimed_at = now(), agent_endpoint = %s, connected_at = NULL
-                   WHERE id = %s RETURNING attempts""", (endpoint, row["id"]))).fetchone()
-            assert upd is not None
-            return Offer(row["id"], row["phone"], endpoint, upd["attempts"])
-    return None
+        while True:
+            row = await (await conn.execute(_CLAIM, (skipped,))).fetchone()
+            if row is None:
+                return None
+            wanted = row["agent_wanted"]
+            if wanted:  # asked for by the agent: logged out or paused does not matter
+                candidates = [wanted]
+            else:
+                candidates = [c["endpoint"] for c in
+                              await (await conn.execute(_CANDIDATES, (row["group_id"],))).fetchall()]
+            for endpoint in candidates:
+                if await _agent_free(conn, phones, endpoint):
+                    upd = await (await conn.execute(
+                        """UPDATE callback_requests SET status = 'in_progress', attempts = attempts + 1,
+                           claimed_at = now(), agent_endpoint = %s, connected_at = NULL
+                           WHERE id = %s RETURNING attempts""", (endpoint, row["id"]))).fetchone()
+                    assert upd is not None
+                    return Offer(row["id"], row["phone"], endpoint, upd["attempts"])
+            if not wanted:
+                return None  # any free agent may take any queued request: none for this one, none for the rest
+            skipped.append(row["id"])
+
+
+async def _agent_free(conn: psycopg.AsyncConnection, phones: AgentPhones, endpoint: str) -> bool:
+    # one worker at a time decides about an agent (held until commit, when its claim is visible)
+    got = await (await conn.execute(
+        "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s)) AS ok", (AGENT_LOCK, endpoint))).fetchone()
+    if not got or not got["ok"]:
+        return False
+    if await (await conn.execute(_AGENT_BUSY, (endpoint,))).fetchone():
+        return False
+    try:
+        return await phones.is_free(endpoint)
+    except (PbxError, ValueError) as exc:
+        log.warning("whether %s is free is unknown (%s): not offering", endpoint, exc)
+        return False
+
+
+_OPEN_FOR_PHONE = """SELECT id, status, agent_wanted FROM callback_requests
+                     WHERE phone = %s AND status IN ('pending', 'in_progress') FOR UPDATE"""
+_AGENT_TAKEN = """SELECT id FROM callback_requests
+                  WHERE (status = 'in_progress' AND agent_endpoint = %(agent)s)
+                     OR (status = 'pending' AND agent_wanted = %(agent)s) LIMIT 1"""
+
+
+async def click_to_call(pool: AsyncConnectionPool, endpoint: str, phone: str, *, ref: str | None = None
+                        ) -> dict[str, Any]:
+    """The CRM asks for a call: `endpoint`'s phone rings as soon as it is free (within
+    callbacks.click_wait_seconds), then `phone` (E.164) is dialled. A pending callback request for the
+    number is taken over (done if the customer answers). Returns the request as the API shows it;
+    ClickToCallError when the agent is unknown or busy with another, or the number is being called."""
+    try:
+        async with pool.connection() as conn, conn.transaction():
+            if await (await conn.execute("SELECT 1 FROM employees WHERE endpoint = %s", (endpoint,))).fetchone() is None:
+                raise ClickToCallError(404, f"no employee has endpoint {endpoint!r}", "agent")
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (AGENT_LOCK, endpoint))
+            taken = await (await conn.execute(_AGENT_TAKEN, {"agent": endpoint})).fetchone()
+            if taken:
+                raise ClickToCallError(409, f"{endpoint} is already being rung for request {taken['id']}", "agent")
+            found = await (await conn.execute(_OPEN_FOR_PHONE, (phone,))).fetchone()
+            if found and (found["status"] != "pending" or found["agent_wanted"]):
+                raise ClickToCallError(409, f"{phone} is being called already (request {found['id']})", "phone")
+            if found:
+                cur = await conn.execute(
+                    """UPDATE callback_requests SET agent_wanted = %s, wanted_at = now(), due_at = now(),
+                              external_ref = COALESCE(%s, external_ref) WHERE id = %s RETURNING id""",
+                    (endpoint, ref, found["id"]))
+            else:
+                cur = await conn.execute(
+                    """INSERT INTO callback_requests (phone, customer_id, reason, agent_wanted, wanted_at, external_ref)
+                       VALUES (%s, (SELECT id FROM customers WHERE phone = %s), %s, %s, now(), %s) RETURNING id""",
+                    (phone, phone, CLICK_TO_CALL, endpoint, ref))
+            rid = (await cur.fetchone())["id"]
+            await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(rid)))  # sent at commit
+            return await request_row(conn, rid)
+    except psycopg.errors.UniqueViolation:  # another click for the number committed first
+        raise ClickToCallError(409, f"{phone} is being called already", "phone") from None
+
+
+async def request_row(conn: psycopg.AsyncConnection, request_id: int) -> dict[str, Any] | None:
+    cur = await conn.execute(f"SELECT {REQUEST_COLUMNS} FROM callback_requests r WHERE r.id = %s", (request_id,))
+    return await cur.fetchone()
 
 
 async def dial(pool: AsyncConnectionPool, config: Config, phones: AgentPhones, offer: Offer) -> str:
@@ -168,12 +258,9 @@ async def release(pool: AsyncConnectionPool, config: Config, request_id: int, re
     status, or None if the request was no longer ours (done, reconciled, claimed again)."""
     async with pool.connection() as conn:
         row = await (await conn.execute(
-            """UPDATE callback_requests SET
-                 status = CASE WHEN attempts >= %(max)s THEN 'failed' ELSE 'pending' END,
-                 due_at = CASE WHEN attempts >= %(max)s THEN due_at
-                               ELSE now() + make_interval(mins => %(retry)s) END,
-                 done_at = CASE WHEN attempts >= %(max)s THEN now() END,
-                 claimed_at = NULL, agent_endpoint = NULL, connected_at = NULL, last_result = %(result)s
+            f"""UPDATE callback_requests SET
+                 due_at = CASE WHEN {_SPENT} THEN due_at ELSE now() + make_interval(mins => %(retry)s) END,
+                 {_GIVE_BACK}, last_result = %(result)s
                WHERE id = %(id)s AND status = 'in_progress' AND (%(attempt)s::int IS NULL OR attempts = %(attempt)s)
                RETURNING status""",
             {"max": config.callbacks.max_attempts, "retry": config.callbacks.retry_minutes, "result": result,
@@ -187,13 +274,14 @@ async def connected(pool: AsyncConnectionPool, request_id: int, endpoint: str) -
         row = await (await conn.execute(
             """UPDATE callback_requests r SET connected_at = COALESCE(connected_at, now())
                WHERE id = %s AND status = 'in_progress' AND agent_endpoint = %s
-               RETURNING r.id, r.phone, r.status, r.attempts, r.agent_endpoint,
+               RETURNING r.id, r.phone, r.status, r.attempts, r.agent_endpoint, r.reason,
+                         r.agent_wanted IS NOT NULL AS asked_by_agent,
                          (SELECT name FROM groups g WHERE g.id = r.group_id) AS group_name""",
             (request_id, endpoint))).fetchone()
     if row is None:
         return None
     return Request(row["id"], row["phone"], row["status"], row["attempts"], row["group_name"],
-                   row["agent_endpoint"])
+                   row["agent_endpoint"], row["reason"], row["asked_by_agent"])
 
 
 async def complete(pool: AsyncConnectionPool, request_id: int) -> bool:
@@ -212,25 +300,34 @@ async def reconcile(pool: AsyncConnectionPool, config: Config, *, ring_grace: fl
     talk = call_grace if call_grace is not None else config.agi.max_call_seconds + RING_GRACE_SECONDS
     async with pool.connection() as conn:
         rows = await (await conn.execute(
-            """UPDATE callback_requests SET
-                 status = CASE WHEN attempts >= %(max)s THEN 'failed' ELSE 'pending' END,
-                 done_at = CASE WHEN attempts >= %(max)s THEN now() END,
-                 due_at = now(), claimed_at = NULL, agent_endpoint = NULL, connected_at = NULL,
-                 last_result = 'stale'
+            f"""UPDATE callback_requests SET due_at = now(), {_GIVE_BACK}, last_result = 'stale'
                WHERE status = 'in_progress' AND (claimed_at IS NULL
                      OR (connected_at IS NULL AND claimed_at < now() - make_interval(secs => %(ring)s))
                      OR connected_at < now() - make_interval(secs => %(talk)s))
                RETURNING id""",
             {"max": config.callbacks.max_attempts, "ring": ring, "talk": talk})).fetchall()
+        # a click to call whose agent stayed busy: the CRM's own fails, a taken-over callback is queued again
+        waited = await (await conn.execute(
+            f"""UPDATE callback_requests SET
+                 status = CASE WHEN reason = '{CLICK_TO_CALL}' THEN 'failed' ELSE status END,
+                 done_at = CASE WHEN reason = '{CLICK_TO_CALL}' THEN now() END,
+                 agent_wanted = CASE WHEN reason = '{CLICK_TO_CALL}' THEN agent_wanted END,
+                 last_result = 'agent_not_free'
+               WHERE status = 'pending' AND agent_wanted IS NOT NULL
+                 AND wanted_at < now() - make_interval(secs => %s)
+               RETURNING id""", (config.callbacks.click_wait_seconds,))).fetchall()
+    if waited:
+        log.warning("click to call given up, the agent's phone stayed busy: %s", [r["id"] for r in waited])
     ids = [r["id"] for r in rows]
     if ids:
         log.warning("callback requests stuck in progress given back: %s", ids)
     return ids
 
 
-async def run_forever(pool: AsyncConnectionPool, config: Config, phones: AgentPhones) -> None:
-    """Every poll_seconds: reconcile, then offer due requests. Rounds overlap (an agent ringing for 20 s
-    does not hold back the others); claims keep them apart."""
+async def run_forever(pool: AsyncConnectionPool, config: Config, phones: AgentPhones,
+                      wake: asyncio.Event | None = None) -> None:
+    """Every poll_seconds, or when `wake` is set (a click to call): reconcile, then offer due requests.
+    Rounds overlap (an agent ringing for 20 s does not hold back the others); claims keep them apart."""
     rounds: set[asyncio.Task] = set()
     try:
         while True:
@@ -242,7 +339,12 @@ async def run_forever(pool: AsyncConnectionPool, config: Config, phones: AgentPh
                     task.add_done_callback(_round_done(rounds))
             except Exception:
                 log.exception("callback worker round failed")
-            await asyncio.sleep(config.callbacks.poll_seconds)
+            if wake is None:
+                await asyncio.sleep(config.callbacks.poll_seconds)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), config.callbacks.poll_seconds)
+            wake.clear()
     finally:
         for task in rounds:
             task.cancel()

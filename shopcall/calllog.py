@@ -55,6 +55,7 @@ class CallRecord:
     recording_path: str | None = None
     callback_reason: str | None = None  # set → a callback request is created with the row
     survey_answer: int | None = None
+    callback_request_id: int | None = None  # the callback or click to call this call served
     route_log: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -87,7 +88,8 @@ class CallRecord:
 _UPSERT = """
 INSERT INTO calls (uniqueid, pbx, direction, caller_number, caller_e164, caller_name, dialled_number,
                    customer_id, group_id, menu_choice, started_at, answered_at, ended_at, answered_by,
-                   answered_endpoint, outcome, missed, recording_path, route_log, robot_choice, language)
+                   answered_endpoint, outcome, missed, recording_path, route_log, robot_choice, language,
+                   callback_request_id)
 VALUES (%(uniqueid)s, %(pbx)s, %(direction)s, %(caller_number)s, %(caller_e164)s, %(caller_name)s,
         %(dialled_number)s,
         (SELECT id FROM customers WHERE phone = %(caller_e164)s),
@@ -95,7 +97,7 @@ VALUES (%(uniqueid)s, %(pbx)s, %(direction)s, %(caller_number)s, %(caller_e164)s
         %(menu_choice)s, %(started_at)s, %(answered_at)s, %(ended_at)s,
         (SELECT id FROM employees WHERE endpoint = %(answered_endpoint)s),
         %(answered_endpoint)s, %(outcome)s, %(missed)s, %(recording_path)s, %(route_log)s, %(robot_choice)s,
-        %(language)s)
+        %(language)s, %(callback_request_id)s)
 ON CONFLICT (uniqueid) DO UPDATE SET
     {merge}
 RETURNING {returning}
@@ -106,7 +108,7 @@ RETURNING {returning}
 # route log holds both reports' steps in the order they happened.
 _LATER = "calls.ended_at > EXCLUDED.ended_at"  # the stored row is the later report
 _NEWER_WINS = ("answered_at", "ended_at", "answered_by", "answered_endpoint", "outcome", "missed")
-_KEPT = ("group_id", "menu_choice", "recording_path", "robot_choice", "language")
+_KEPT = ("group_id", "menu_choice", "recording_path", "robot_choice", "language", "callback_request_id")
 _MERGE = ",\n    ".join(
     [f"{c} = CASE WHEN {_LATER} THEN calls.{c} ELSE EXCLUDED.{c} END" for c in _NEWER_WINS]
     + [f"{c} = CASE WHEN {_LATER} THEN COALESCE(calls.{c}, EXCLUDED.{c}) ELSE COALESCE(EXCLUDED.{c}, calls.{c}) END"
@@ -170,6 +172,9 @@ _CALL_BODY = ", ".join(f"'{k}', {v}" for k, v in {
                      "THEN replace(%(recording_link)s, '{}', saved.id::text) END",
     "callback_requested": "%(callback_requested)s::boolean",
     "survey_answer": "%(survey_answer)s::integer",
+    # a callback's or a click to call's request, and the CRM's own id for it (POST /api/v1/calls)
+    "callback_request_id": "saved.callback_request_id",
+    "crm_ref": "(SELECT external_ref FROM callback_requests cr WHERE cr.id = saved.callback_request_id)",
     "saved_at": "now()",
 }.items())
 RECORDING_LINK = "/api/v1/calls/{}/recording"  # the API's (shopcall/api.py), with the call's id

@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--reason", default="", help="why, for the list and the call rows")
     bl.add_argument("--days", type=float, help="lift the block after this many days (default: never)")
 
+    cc = sub.add_parser("call", help="click to call: ring an agent's phone, then dial the customer")
+    cc.add_argument("agent", help="the agent's endpoint")
+    cc.add_argument("phone")
+    cc.add_argument("--ref", help="your own id for the call (returned in the call's webhook)")
+
     sub.add_parser("check-config", help="say what is wrong with the configuration, with line and key")
 
     d = sub.add_parser("db", help="database: migrate, load a directory file, print the URL, stop")
@@ -181,6 +186,9 @@ async def _run(args: argparse.Namespace, config) -> int:
     if args.cmd == "block":
         return await _block(config, args)
 
+    if args.cmd == "call":
+        return await _click_to_call(config, args)
+
     if args.cmd in ("import", "dnc", "campaigns"):
         from shopcall import outreach_cli
 
@@ -251,6 +259,32 @@ async def _block(config, args: argparse.Namespace) -> int:
             return 2
     until = f"until {entry['until']:%Y-%m-%d %H:%M %Z}" if entry["until"] else "until removed"
     print(f"{e164}: calls refused {until}")
+    return 0
+
+
+async def _click_to_call(config, args: argparse.Namespace) -> int:
+    from shopcall import callbacks, db
+    from shopcall.call import check_endpoint
+    from shopcall.phone import to_e164
+
+    e164 = to_e164(args.phone, config.shop.country)
+    if e164 is None:
+        print(f"shopcall: call: not a phone number: {args.phone!r}", file=sys.stderr)
+        return 2
+    try:
+        endpoint = check_endpoint(args.agent)
+    except ValueError as exc:
+        print(f"shopcall: call: {exc}", file=sys.stderr)
+        return 2
+    url = await db.resolve_url(config.database.url, config.pgdata)
+    async with db.open_pool(url, min_size=1, max_size=1) as pool:
+        try:
+            row = await callbacks.click_to_call(pool, endpoint, e164, ref=args.ref)
+        except callbacks.ClickToCallError as exc:
+            print(f"shopcall: call: {exc}", file=sys.stderr)
+            return 1
+    print(f"request {row['id']}: {endpoint}'s phone rings when free (within "
+          f"{config.callbacks.click_wait_seconds} s), then {e164} is dialled")
     return 0
 
 

@@ -348,6 +348,8 @@ class CallbacksConfig:
     customer_ring_seconds: int = _number(30, int, lo=1)
     retry_minutes: int = _number(15, int, lo=1)
     max_attempts: int = _number(3, int, lo=1)
+    # a click to call (POST /api/v1/calls) waits this long for the agent's phone to be free, then gives up
+    click_wait_seconds: int = _number(30, int, lo=1)
 
 
 def _check_url(v: str) -> str | None:

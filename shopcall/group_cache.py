@@ -17,6 +17,8 @@ from typing import Any
 
 import psycopg
 
+from shopcall.notify import listen_connection
+
 log = logging.getLogger("shopcall.group_cache")
 
 CHANNEL = "shopcall_directory"
@@ -77,12 +79,8 @@ async def watch(cache: GroupCache, conninfo: str, *, connect_timeout: float = 5.
     delay = 1.0
     while True:
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                conninfo, autocommit=True, connect_timeout=max(1, int(connect_timeout)),
-                # a peer that vanished without a reset is noticed by the ping below, or by TCP itself
-                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
-                application_name="shopcall group cache",
-            )
+            conn = await listen_connection(conninfo, CHANNEL, connect_timeout=connect_timeout,
+                                           purpose="group cache")
         except (psycopg.Error, OSError) as exc:
             log.warning("group cache off: cannot listen for changes (%s); retrying in %.0f s", exc, delay)
             await asyncio.sleep(delay)
@@ -90,7 +88,6 @@ async def watch(cache: GroupCache, conninfo: str, *, connect_timeout: float = 5.
             continue
         try:
             async with conn:
-                await conn.execute(f"LISTEN {CHANNEL}")
                 while not await _triggers_ready(conn, connect_timeout):
                     log.warning("group cache off: the directory's triggers are missing or disabled "
                                 "(shopcall db migrate applies sql/007); checking again in %.0f s", quiet_seconds)

@@ -94,7 +94,7 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
             name="group-cache"))
     pbx = callback_pbx(config, parts)
     if pbx:  # callback requests are offered to agents of the PBX whose calls this process serves
-        background.append(asyncio.create_task(serve_callbacks(pool, config, pbx), name="callback-worker"))
+        background.append(asyncio.create_task(serve_callbacks(pool, config, pbx, url), name="callback-worker"))
     if "esl" in parts and config.freeswitch.report_fallback:
         from esl.hangup_report import FLOW, serve_fallback_reports
 
@@ -148,10 +148,11 @@ def callback_pbx(config: Config, parts: list[str] | tuple[str, ...]) -> str | No
     return "asterisk" if "agi" in parts else None  # which says, once, that asterisk.ami_secret is empty
 
 
-async def serve_callbacks(pool, config: Config, pbx: str) -> None:
+async def serve_callbacks(pool, config: Config, pbx: str, url: str) -> None:
     """The callback worker (shopcall/callbacks.py) with the agents' PBX: Asterisk through AMI (needs
-    asterisk.ami_secret), FreeSWITCH through its inbound event socket."""
+    asterisk.ami_secret), FreeSWITCH through its inbound event socket. A click to call wakes it (NOTIFY)."""
     from shopcall import callbacks
+    from shopcall.notify import wake_on
 
     if not config.callbacks.enabled:
         log.info("callback worker off (callbacks.enabled = false)")
@@ -172,9 +173,14 @@ async def serve_callbacks(pool, config: Config, pbx: str) -> None:
         link = await open_event_socket(config, "callbacks")
         phones = FreeswitchAgentPhones(link, config)
     log.info("callback worker on: agents' phones on %s", pbx)
+    wake = asyncio.Event()
+    listener = asyncio.create_task(wake_on(url, callbacks.CHANNEL, wake, purpose="callback worker",
+                                           connect_timeout=config.database.connect_timeout),
+                                   name="callback-wake")
     try:
-        await callbacks.run_forever(pool, config, phones)
+        await callbacks.run_forever(pool, config, phones, wake)
     finally:
+        listener.cancel()
         await link.close()
 
 

@@ -260,7 +260,7 @@ async def test_run_forever_offers_and_reconciles(loaded, pool):
 
 async def test_worker_is_off_without_an_ami_secret(pool, caplog):
     caplog.set_level("INFO", "shopcall.serve")
-    await asyncio.wait_for(serve_callbacks(pool, Config.default(), "asterisk"), 1)  # returns at once
+    await asyncio.wait_for(serve_callbacks(pool, Config.default(), "asterisk", ""), 1)  # returns at once
     assert "callback worker off: asterisk.ami_secret is empty" in caplog.text
 
 

@@ -162,7 +162,7 @@ async def claim_for_agent2(app, pool) -> None:  # noqa: F811
     assert offer is not None and offer.endpoint == "agent2"
 
 
-async def test_shopcall_serve_runs_the_worker_through_the_event_socket(app, loaded, pool):  # noqa: F811
+async def test_shopcall_serve_runs_the_worker_through_the_event_socket(app, loaded, pool, pg_url):  # noqa: F811
     rid = await add_request(loaded)
     server, replays = await replay_server("inbound_bgapi_and_failures")
     config = dataclasses.replace(
@@ -170,7 +170,7 @@ async def test_shopcall_serve_runs_the_worker_through_the_event_socket(app, load
         callbacks=CallbacksConfig(pbx="auto", poll_seconds=0.05))
     pbx = callback_pbx(config, ["esl"])
     assert pbx == "freeswitch"
-    task = asyncio.create_task(serve_callbacks(pool, config, pbx))
+    task = asyncio.create_task(serve_callbacks(pool, config, pbx, pg_url))
     try:
         async with asyncio.timeout(10):
             while (await request(loaded, rid))["last_result"] != "agent_answered":

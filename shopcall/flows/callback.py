@@ -1,7 +1,8 @@
 """The agent's answered leg of a callback: say whom they call back, dial the customer, settle the request.
 
 Reached as agi://…/callback?id=N from the [<prefix>-callback] context, where the callback worker
-(shopcall/callbacks.py) sends the agent's phone with AMI Originate once it is answered.
+(shopcall/callbacks.py) sends the agent's phone with AMI Originate once it is answered. A click to call
+(the CRM's POST /api/v1/calls) takes the same path; the agent asked for it, so the number is not read out.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ async def callback(call: Call, app: App) -> None:
     rec = CallRecord(uniqueid=info.uniqueid, pbx=info.pbx, caller_number=request.phone, caller_name="",
                      dialled_number=request.phone, caller_e164=request.phone, direction="outbound",
                      group_name=request.group_name, answered_endpoint=info.caller_endpoint,
-                     outcome="callback_no_answer", missed=False)
-    rec.step("callback", request=request.id, attempt=request.attempts, agent=info.caller_endpoint)
+                     outcome="click_to_call_no_answer" if request.reason == callbacks.CLICK_TO_CALL
+                     else "callback_no_answer", missed=False, callback_request_id=request.id)
+    rec.step("callback", request=request.id, attempt=request.attempts, agent=info.caller_endpoint,
+             reason=request.reason, asked_by_agent=request.asked_by_agent)
     settled = False
     try:
         await call.answer()
-        await call.play("callback_agent_intro")
-        await call.say_digits(request.phone.lstrip("+"))
+        if not request.asked_by_agent:
+            await call.play("callback_agent_intro")
+            await call.say_digits(request.phone.lstrip("+"))
         result = await call.dial_number(request.phone, timeout=app.config.callbacks.customer_ring_seconds)
         rec.step("dial", status=str(result.status), detail=result.detail)
         if result.status == DialStatus.ANSWERED:
