@@ -1,13 +1,18 @@
 """End to end: a pending callback request → the worker (in this process, with agi.ami against the real
 Asterisk) rings agent1's SIPp phone → it answers → the callback flow in `shopcall serve` says the number
-and dials the customer through the "trunk" (another SIPp phone) → the customer answers → request done."""
+and dials the customer through the "trunk" (another SIPp phone) → the customer answers → request done.
+A click to call goes the same way from the HTTP API (also in this process: the serve under test knows no
+AMI credentials, which the test's Asterisk makes up after the serve's configuration is written)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import psycopg
 import pytest
 from psycopg.rows import dict_row
@@ -15,7 +20,9 @@ from psycopg.rows import dict_row
 from agi.agent_phones import AsteriskAgentPhones
 from agi.ami import AmiClient
 from shopcall import callbacks, db
-from shopcall.config import AsteriskConfig, CallbacksConfig, Config
+from shopcall.api import start_api
+from shopcall.config import ApiConfig, AsteriskConfig, CallbacksConfig, Config
+from shopcall.notify import wake_on
 from tests.pbx import (
     DEFAULT_ROOT,
     AsteriskPbx,
@@ -154,6 +161,53 @@ async def test_customer_does_not_answer_request_back_to_pending(cb_stack, worker
         call = wait_for(lambda: dbc.execute("SELECT * FROM calls").fetchone())
         assert (call["direction"], call["outcome"], call["missed"]) == ("outbound", "callback_no_answer", False)
     finally:
+        await agent.stop()
+        await customer.stop()
+
+
+async def test_click_to_call_from_the_api_rings_the_agent_then_dials_the_customer(cb_stack, worker, dbc):
+    pool, config, ami = worker
+    # a 60 s poll: the agent's phone rings within the test's wait only because the click's NOTIFY wakes the worker
+    config = dataclasses.replace(
+        config, callbacks=CallbacksConfig(agent_ring_seconds=10, customer_ring_seconds=10, poll_seconds=60),
+        api=ApiConfig(port=0, tokens=("t0ken",)))
+    work = cb_stack["work"]
+    agent = SippAgent("agent1", cb_stack["pbx"].agents["agent1"], work_dir=work, answer_after=0.5)
+    customer = SippAgent("trunk", cb_stack["pbx"].agents["trunk"], work_dir=work, answer_after=0.5,
+                         hangup_after=2.0)
+    await agent.start()
+    await customer.start()
+    wake = asyncio.Event()
+    tasks = [asyncio.create_task(wake_on(cb_stack["url"], callbacks.CHANNEL, wake, purpose="test")),
+             asyncio.create_task(callbacks.run_forever(pool, config, AsteriskAgentPhones(ami, config), wake))]
+    api = await start_api(config, pool)
+    try:
+        await asyncio.sleep(0.5)  # the worker's first (empty) round and the LISTEN
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{api.port}") as client:
+            resp = await client.post("/api/v1/calls", json={"agent": "agent1", "phone": CUSTOMER, "ref": "crm-77"},
+                                     headers={"Authorization": "Bearer t0ken"})
+            assert resp.status == 202, await resp.text()
+            rid = (await resp.json())["id"]
+            await customer.wait_for("HANGUP", timeout=30)
+            await agent.wait_for("HANGUP", timeout=10)
+            deadline = time.monotonic() + 20
+            while (row := await (await client.get(f"/api/v1/callbacks/{rid}", headers={
+                    "Authorization": "Bearer t0ken"})).json())["status"] == "in_progress" and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+        assert (row["status"], row["last_result"], row["external_ref"]) == ("done", "answered", "crm-77"), (
+            explain(cb_stack, agent, customer))
+        call = dbc.execute("SELECT * FROM calls").fetchone()
+        assert (call["outcome"], call["callback_request_id"], call["answered_endpoint"]) == ("answered", rid, "agent1")
+        steps = [s["step"] for s in call["route_log"]]
+        assert steps[:2] == ["callback", "dial"] and call["route_log"][0]["asked_by_agent"] is True
+        assert (agent.invites_received(), customer.invites_received()) == (1, 1)
+        assert f"INVITE sip:{CUSTOMER}@" in customer.messages_file.read_text(errors="replace")
+    finally:
+        await api.stop()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await agent.stop()
         await customer.stop()
 
