@@ -16,6 +16,7 @@ from shopcall.calllog import CallLog
 from shopcall.config import Config
 from shopcall.directory import Directory, Menu
 from shopcall.prompts import Prompts
+from shopcall.screen_pop import ScreenPop
 from shopcall.tts import Tts
 
 log = logging.getLogger("shopcall.app")
@@ -31,6 +32,7 @@ class App:
     directory: Directory
     calllog: CallLog
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    screen_pop: ScreenPop | None = None  # webhooks.ringing_url: the CRM is told whose phones ring
     tasks: set[asyncio.Task] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
@@ -63,5 +65,6 @@ class App:
         menu = Menu(timeout=config.inbound.menu_timeout, retries=config.inbound.menu_retries)
         directory = Directory(pool, timezone=config.shop.timezone, default_menu=menu)
         calllog = CallLog(pool, config.spool_dir, calls_url=config.webhooks.calls_url, api_url=config.api.public_url)
-        return cls(config, pool, prompts, directory, calllog)
+        pop = ScreenPop(config.webhooks) if config.webhooks.ringing_url else None
+        return cls(config, pool, prompts, directory, calllog, screen_pop=pop)
 

@@ -381,6 +381,9 @@ class WebhooksConfig:
     results_url: str = _setting("", str, "an http(s) URL or empty", _check_url)
     messages_url: str = _setting("", str, "an http(s) URL or empty", _check_url)  # SMS/WhatsApp gateway
     calls_url: str = _setting("", str, "an http(s) URL or empty", _check_url)  # every call row, for a CRM
+    # agents' phones start ringing for a call: posted at once, never retried (a CRM's screen pop)
+    ringing_url: str = _setting("", str, "an http(s) URL or empty", _check_url)
+    ringing_timeout: float = _number(2.0, float)
     secret: str = _setting("", str, "a string", repr=False)
     timeout: float = _number(10.0, float)
     poll_seconds: float = _number(2.0, float)

@@ -131,6 +131,8 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
             await api.stop()
         if app.tasks:  # voicemails being stored: let them finish (each is spooled if the DB is gone)
             await asyncio.wait(app.tasks, timeout=30)
+        if app.screen_pop is not None:
+            await app.screen_pop.close()
         await pool.close()
 
 

@@ -107,7 +107,7 @@ def _describe(exc: BaseException, timeout: float) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
-async def _post(session: aiohttp.ClientSession, row: dict, config: WebhooksConfig) -> str | None:
+async def post(session: aiohttp.ClientSession, row: dict, config: WebhooksConfig) -> str | None:
     """POST one row; None when acknowledged (2xx), else a short error for last_error."""
     payload = encode(row["body"])
     try:
@@ -127,7 +127,7 @@ async def _post(session: aiohttp.ClientSession, row: dict, config: WebhooksConfi
 
 async def _deliver(pool: AsyncConnectionPool, session: aiohttp.ClientSession, row: dict,
                    config: WebhooksConfig) -> bool:
-    error = await _post(session, row, config)
+    error = await post(session, row, config)
     async with pool.connection() as conn, conn.transaction():
         if error is None:
             await conn.execute(

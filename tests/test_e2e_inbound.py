@@ -40,15 +40,16 @@ CRM_SECRET = "crm-secret"
 
 
 class Crm:
-    """The shop's CRM endpoint for finished calls: a stdlib HTTP server in a thread, answering 200."""
+    """The shop's CRM endpoint for finished calls and ringing phones (a screen pop): a stdlib HTTP server
+    in a thread, answering 200."""
 
     def __init__(self) -> None:
-        posts = self.posts = []  # (headers, body bytes)
+        posts = self.posts = []  # (headers, body bytes, when it arrived)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                posts.append((dict(self.headers), raw))
+                posts.append((dict(self.headers), raw, time.time()))
                 self.send_response(200)
                 self.end_headers()
 
@@ -59,17 +60,18 @@ class Crm:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/calls"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def call(self, uniqueid: str, timeout: float = 10.0) -> list[dict]:
-        """The signed bodies posted for one call, once at least one has arrived."""
+    def call(self, uniqueid: str, timeout: float = 10.0, event: str = "call_ended") -> list[dict]:
+        """The signed bodies of `event` posted for one call, once at least one has arrived (with the time
+        each arrived as "_received")."""
         deadline = time.monotonic() + timeout
         while True:
             found = []
-            for headers, raw in list(self.posts):
+            for headers, raw, at in list(self.posts):
                 body = json.loads(raw)
-                if body["uniqueid"] == uniqueid:
+                if body["uniqueid"] == uniqueid and body["event"] == event:
                     want = "sha256=" + hmac.new(CRM_SECRET.encode(), raw, hashlib.sha256).hexdigest()
                     assert headers["X-Shopcall-Signature"] == want
-                    found.append(body)
+                    found.append({**body, "_received": at})
             if found or time.monotonic() > deadline:
                 return found
             time.sleep(0.1)
@@ -90,6 +92,7 @@ def stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
 ring_timeout = 6
 [webhooks]
 calls_url = "{crm.url}"
+ringing_url = "{crm.url}"
 secret = "{CRM_SECRET}"
 poll_seconds = 0.2
 [mail]
@@ -219,6 +222,11 @@ async def test_key_2_rings_the_whole_delivery_group_and_logs_who_answered(stack,
     assert (crm["call_id"], crm["outcome"], crm["agent_endpoint"], crm["group"], crm["caller_e164"]) == (
         row["id"], "answered", "agent2", "delivery", "+79161234567"), explain(stack)
     assert crm["talk_seconds"] >= 2 and crm["recording_path"] == row["recording_path"]
+    # while the phones rang, the CRM was told whose they were (its screen pop), before the call ended
+    [pop] = stack["crm"].call(row["uniqueid"], event="call_ringing")
+    assert ([a["endpoint"] for a in pop["agents"]], pop["group"], pop["reason"], pop["caller_e164"]) == (
+        ["agent2", "agent3"], "delivery", "menu", "+79161234567")
+    assert pop["_received"] < row["ended_at"].timestamp()
     # ... and fetches the recording MixMonitor wrote through the API's link
     assert crm["recording_url"] == f"/api/v1/calls/{row['id']}/recording"
     config = replace(load_config(stack["work"] / "shopcall.toml"), api=ApiConfig(port=0, tokens=("e2e-token",)))

@@ -131,6 +131,8 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
             recording_to = recording.path_for(app.config.recordings_dir, rec.uniqueid, rec.started_at)
             await call.start_recording(recording_to, on_demand=policy == "on_demand")
             rec.step("recording", policy=policy)
+        if app.screen_pop is not None:
+            app.screen_pop.ringing(_ringing_body(rec, route, caller, step, shown), f"{rec.uniqueid}/{len(rec.route_log)}")
         result = await call.dial(list(step.endpoints), strategy=step.strategy, timeout=step.timeout,
                                  caller_name=shown if shown != call.info.caller_name else None)
         rec.step("dial", status=str(result.status), answered=result.answered_endpoint, detail=result.detail)
@@ -165,6 +167,19 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
         if app.config.voicemail.on_no_answer:
             await _voicemail(call, app, rec, route)
     await _finish(call, rec)
+
+
+def _ringing_body(rec: CallRecord, route, caller, step: routing.RingStep, shown: str) -> dict:
+    """What the CRM's screen pop gets (README, "Calls to your CRM"): who calls, whose phones ring, why."""
+    return {
+        "event": "call_ringing", "uniqueid": rec.uniqueid, "pbx": rec.pbx, "caller_number": rec.caller_number,
+        "caller_e164": rec.caller_e164, "caller_name": rec.caller_name, "shown_to_agents": shown,
+        "customer_id": caller.customer_id, "dialled_number": rec.dialled_number, "category": route.category,
+        "group": step.group.name if step.group else None, "reason": step.reason, "menu_choice": rec.menu_choice,
+        "agents": [{"endpoint": m.endpoint, "name": m.name} for m in step.members]
+                  or [{"endpoint": e, "name": None} for e in step.endpoints],
+        "ring_seconds": step.timeout, "started_at": rec.started_at.isoformat(), "at": now().isoformat(),
+    }
 
 
 async def _voicemail(call: Call, app: App, rec: CallRecord, route) -> None:
