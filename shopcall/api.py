@@ -390,6 +390,20 @@ async def get_callback(request: web.Request) -> web.StreamResponse:
     return _json(row)
 
 
+async def delete_callback(request: web.Request) -> web.StreamResponse:
+    """The CRM closes a pending request (the customer was reached some other way)."""
+    _query(request, set())
+    rid = _id_param(request, "request_id", "callback request")
+    try:
+        row = await callbacks.cancel(request.app[POOL], rid)
+    except callbacks.CallbackError as exc:
+        raise ApiError(exc.status, str(exc), {"field": exc.field}) from None
+    if row is None:
+        raise ApiError(404, f"no callback request has id {rid}", {"request_id": rid})
+    log.info("API: callback request %s cancelled", rid)
+    return _json(row)
+
+
 CLICK_FIELDS = ("agent", "phone", "ref")
 REF_MAX = 200
 
@@ -414,7 +428,7 @@ async def post_call(request: web.Request) -> web.StreamResponse:
         raise ApiError(422, f"ref: a string of at most {REF_MAX} characters, or null", {"field": "ref"})
     try:
         row = await callbacks.click_to_call(request.app[POOL], endpoint, e164, ref=ref)
-    except callbacks.ClickToCallError as exc:
+    except callbacks.CallbackError as exc:
         raise ApiError(exc.status, str(exc), {"field": exc.field}) from None
     log.info("API: click to call %s from %s (request %s)", e164, endpoint, row["id"])
     return _json(row, status=202)
@@ -539,6 +553,8 @@ _AGENT = {"type": "object", "required": ["endpoint", "logged_in", "paused"], "pr
     "logged_in": {"type": "boolean"}, "paused": {"type": "boolean"}}}
 _DATE = {"type": "string", "format": "date"}
 
+_REQUEST_ID_PATH = {"name": "request_id", "in": "path", "required": True,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX}}
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "shopcall", "version": "1",
@@ -663,11 +679,18 @@ OPENAPI: dict[str, Any] = {
         }},
         "/api/v1/callbacks/{request_id}": {"get": {
             "summary": "One callback or click-to-call request: status, attempts, last result, agent",
-            "parameters": [{"name": "request_id", "in": "path", "required": True,
-                            "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX}}],
+            "parameters": [_REQUEST_ID_PATH],
             "responses": {"200": _ok("the request", {"type": "object"}),
                           "400": _err("a query parameter (this operation takes none)"),
                           "404": _err("no such request"), **_AUTH_ERRORS},
+        }, "delete": {
+            "summary": "Close a pending request (the customer was reached some other way): done, cancelled",
+            "parameters": [_REQUEST_ID_PATH],
+            "responses": {"200": _ok("the request, closed", {"type": "object"}),
+                          "400": _err("a query parameter (this operation takes none)"),
+                          "404": _err("no such request"),
+                          "409": _err("the request is in progress (ringing, talking) or already settled"),
+                          **_AUTH_ERRORS},
         }},
         "/api/v1/blocked": {"get": {
             "summary": "Callers whose calls are refused (the block list), oldest first",
@@ -738,6 +761,7 @@ def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
     app.router.add_get(r"/api/v1/calls/{call_id}/recording", get_recording)
     app.router.add_get("/api/v1/callbacks", list_callbacks)
     app.router.add_get("/api/v1/callbacks/{request_id}", get_callback)
+    app.router.add_delete("/api/v1/callbacks/{request_id}", delete_callback)
     app.router.add_get("/api/v1/blocked", list_blocked)
     app.router.add_put("/api/v1/blocked/{phone}", put_blocked)
     app.router.add_delete("/api/v1/blocked/{phone}", delete_blocked)

@@ -74,8 +74,9 @@ class Request:
     asked_by_agent: bool = False  # a click to call: the agent knows whom they call
 
 
-class ClickToCallError(Exception):
-    """A click to call that cannot be taken: `status` is the HTTP status the API answers with."""
+class CallbackError(Exception):
+    """A click to call that cannot be taken, or a request that cannot be cancelled: `status` is the HTTP
+    status the API answers with, `field` what is wrong."""
 
     def __init__(self, status: int, message: str, field: str) -> None:
         super().__init__(message)
@@ -173,18 +174,18 @@ async def click_to_call(pool: AsyncConnectionPool, endpoint: str, phone: str, *,
     """The CRM asks for a call: `endpoint`'s phone rings as soon as it is free (within
     callbacks.click_wait_seconds), then `phone` (E.164) is dialled. A pending callback request for the
     number is taken over (done if the customer answers). Returns the request as the API shows it;
-    ClickToCallError when the agent is unknown or busy with another, or the number is being called."""
+    CallbackError when the agent is unknown or busy with another, or the number is being called."""
     try:
         async with pool.connection() as conn, conn.transaction():
             if await (await conn.execute("SELECT 1 FROM employees WHERE endpoint = %s", (endpoint,))).fetchone() is None:
-                raise ClickToCallError(404, f"no employee has endpoint {endpoint!r}", "agent")
+                raise CallbackError(404, f"no employee has endpoint {endpoint!r}", "agent")
             await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (AGENT_LOCK, endpoint))
             taken = await (await conn.execute(_AGENT_TAKEN, {"agent": endpoint})).fetchone()
             if taken:
-                raise ClickToCallError(409, f"{endpoint} is already being rung for request {taken['id']}", "agent")
+                raise CallbackError(409, f"{endpoint} is already being rung for request {taken['id']}", "agent")
             found = await (await conn.execute(_OPEN_FOR_PHONE, (phone,))).fetchone()
             if found and (found["status"] != "pending" or found["agent_wanted"]):
-                raise ClickToCallError(409, f"{phone} is being called already (request {found['id']})", "phone")
+                raise CallbackError(409, f"{phone} is being called already (request {found['id']})", "phone")
             if found:
                 cur = await conn.execute(
                     """UPDATE callback_requests SET agent_wanted = %s, wanted_at = now(), due_at = now(),
@@ -199,7 +200,23 @@ async def click_to_call(pool: AsyncConnectionPool, endpoint: str, phone: str, *,
             await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(rid)))  # sent at commit
             return await request_row(conn, rid)
     except psycopg.errors.UniqueViolation:  # another click for the number committed first
-        raise ClickToCallError(409, f"{phone} is being called already", "phone") from None
+        raise CallbackError(409, f"{phone} is being called already", "phone") from None
+
+
+async def cancel(pool: AsyncConnectionPool, request_id: int) -> dict[str, Any] | None:
+    """The CRM closes a pending request (the customer was reached some other way): done, `cancelled`.
+    None if there is no such request; CallbackError if it is ringing now or already settled."""
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute("SELECT status FROM callback_requests WHERE id = %s FOR UPDATE", (request_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        if row["status"] != "pending":  # in progress: the agent's phone rings or they are talking
+            raise CallbackError(409, f"request {request_id} is {row['status']}: only a pending one can be cancelled",
+                                "status")
+        await conn.execute("""UPDATE callback_requests SET status = 'done', done_at = now(), last_result = 'cancelled'
+                              WHERE id = %s""", (request_id,))
+        return await request_row(conn, request_id)
 
 
 async def request_row(conn: psycopg.AsyncConnection, request_id: int) -> dict[str, Any] | None:

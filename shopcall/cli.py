@@ -280,7 +280,7 @@ async def _click_to_call(config, args: argparse.Namespace) -> int:
     async with db.open_pool(url, min_size=1, max_size=1) as pool:
         try:
             row = await callbacks.click_to_call(pool, endpoint, e164, ref=args.ref)
-        except callbacks.ClickToCallError as exc:
+        except callbacks.CallbackError as exc:
             print(f"shopcall: call: {exc}", file=sys.stderr)
             return 1
     print(f"request {row['id']}: {endpoint}'s phone rings when free (within "

@@ -90,20 +90,20 @@ async def test_a_click_is_tried_once_while_a_taken_over_callback_goes_back_to_th
 
 
 async def test_refused_clicks(loaded, pool):
-    with pytest.raises(callbacks.ClickToCallError) as e:
+    with pytest.raises(callbacks.CallbackError) as e:
         await callbacks.click_to_call(pool, "nobody", PHONE)
     assert (e.value.status, e.value.field) == (404, "agent")
     await callbacks.click_to_call(pool, "agent1", PHONE)
-    with pytest.raises(callbacks.ClickToCallError) as e:  # one click at a time per agent
+    with pytest.raises(callbacks.CallbackError) as e:  # one click at a time per agent
         await callbacks.click_to_call(pool, "agent1", "+79160000003")
     assert (e.value.status, e.value.field) == (409, "agent")
-    with pytest.raises(callbacks.ClickToCallError) as e:  # the number is someone's click already
+    with pytest.raises(callbacks.CallbackError) as e:  # the number is someone's click already
         await callbacks.click_to_call(pool, "agent2", PHONE)
     assert (e.value.status, e.value.field) == (409, "phone")
     # two clicks for one number at once: one request, the other told so
     results = await asyncio.gather(*(callbacks.click_to_call(pool, a, "+79160000004") for a in ("agent3", "agent4")),
                                    return_exceptions=True)
-    assert sorted(type(r).__name__ for r in results) == ["ClickToCallError", "dict"]
+    assert sorted(type(r).__name__ for r in results) == ["CallbackError", "dict"]
     n = await (await loaded.execute("SELECT count(*) AS n FROM callback_requests WHERE phone = '+79160000004'")
                ).fetchone()
     assert n == {"n": 1}
@@ -214,3 +214,21 @@ def test_the_cli_asks_for_a_call(config, loaded):  # noqa: F811
     assert busy.returncode == 1 and "already being rung" in busy.stderr
     assert shopcall("call", "agent1", "hello", config=config).returncode == 2
     assert shopcall("call", "agent1;x", PHONE, config=config).returncode == 2
+
+
+async def test_api_cancels_a_pending_request_but_not_one_that_rings(client, loaded):
+    made = await (await client.post("/api/v1/calls", json={"agent": "agent1", "phone": PHONE}, headers=AUTH)).json()
+    resp = await client.delete(f"/api/v1/callbacks/{made['id']}", headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    gone = await resp.json()
+    assert (gone["status"], gone["last_result"], gone["done_at"] is not None) == ("done", "cancelled", True)
+    again = await client.delete(f"/api/v1/callbacks/{made['id']}", headers=AUTH)
+    assert again.status == 409 and "done" in (await again.json())["error"]
+    # the agent is free for another click at once, and the number can be asked for again
+    assert (await client.post("/api/v1/calls", json={"agent": "agent1", "phone": PHONE}, headers=AUTH)).status == 202
+    ringing = await add_request(loaded, phone="+79160000006")
+    await loaded.execute("UPDATE callback_requests SET status = 'in_progress', agent_endpoint = 'agent2' "
+                         "WHERE id = %s", (ringing,))
+    resp = await client.delete(f"/api/v1/callbacks/{ringing}", headers=AUTH)
+    assert resp.status == 409 and "in_progress" in (await resp.json())["error"]
+    assert (await client.delete("/api/v1/callbacks/99999", headers=AUTH)).status == 404
