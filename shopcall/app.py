@@ -12,7 +12,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from shopcall.calllog import CallLog
+from shopcall.calllog import CallLog, MissedCallSms
 from shopcall.config import Config
 from shopcall.directory import Directory, Menu
 from shopcall.prompts import Prompts
@@ -64,7 +64,16 @@ class App:
         )
         menu = Menu(timeout=config.inbound.menu_timeout, retries=config.inbound.menu_retries)
         directory = Directory(pool, timezone=config.shop.timezone, default_menu=menu)
-        calllog = CallLog(pool, config.spool_dir, calls_url=config.webhooks.calls_url, api_url=config.api.public_url)
+        sms = None
+        if config.inbound.missed_call_sms:
+            if config.webhooks.messages_url:
+                sms = MissedCallSms(config.webhooks.messages_url, {"ru": config.inbound.missed_call_text_ru,
+                                                                   "en": config.inbound.missed_call_text_en},
+                                    config.shop.name)
+            else:
+                log.warning("inbound.missed_call_sms is on but webhooks.messages_url is empty: no texts are sent")
+        calllog = CallLog(pool, config.spool_dir, calls_url=config.webhooks.calls_url, api_url=config.api.public_url,
+                          missed_sms=sms)
         pop = ScreenPop(config.webhooks) if config.webhooks.ringing_url else None
         return cls(config, pool, prompts, directory, calllog, screen_pop=pop)
 

@@ -21,7 +21,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from shopcall.phone import to_e164
+from shopcall import webhooks
+from shopcall.phone import is_mobile, to_e164
 
 if TYPE_CHECKING:
     from shopcall.call import CallInfo
@@ -182,10 +183,28 @@ _SAVE = _save_statement(post=False)
 _SAVE_POSTED = _save_statement(post=True)
 
 
+@dataclass(frozen=True)
+class MissedCallSms:
+    """A text to a missed caller's mobile (inbound.missed_call_sms), queued for webhooks.messages_url in the
+    transaction that opens their callback request, once per request (a caller who tries five times while
+    the request is open gets one message)."""
+
+    url: str
+    texts: dict[str, str]  # by language; "ru" when the call's language has none
+    shop: str
+
+    def body(self, rec: CallRecord, request_id: int) -> dict[str, Any]:
+        text = self.texts.get(rec.language or "ru") or self.texts["ru"]
+        return {"event": "message", "channel": "sms", "reason": "missed_call", "phone": rec.caller_e164,
+                "text": text.replace("{shop}", self.shop), "language": rec.language or "ru",
+                "uniqueid": rec.uniqueid, "callback_request_id": request_id}
+
+
 class CallLog:
     def __init__(self, pool: AsyncConnectionPool, spool_dir: Path, *, calls_url: str = "",
-                 api_url: str = "") -> None:
+                 api_url: str = "", missed_sms: MissedCallSms | None = None) -> None:
         self.pool = pool
+        self.missed_sms = missed_sms
         self.calls_url = calls_url  # empty: calls are not posted
         self.recording_link = api_url.rstrip("/") + RECORDING_LINK
         self.spool = spool_dir / "calls.jsonl"
@@ -229,15 +248,20 @@ class CallLog:
                 )
             if callback:
                 # one open request per phone (a partial unique index): a repeat caller refreshes it
-                await conn.execute(
+                cur = await conn.execute(
                     """
                     INSERT INTO callback_requests (call_id, phone, customer_id, group_id, reason)
                     VALUES (%s, %s, %s, %s, %s)
                     ON CONFLICT (phone) WHERE status IN ('pending', 'in_progress')
                     DO UPDATE SET call_id = EXCLUDED.call_id, reason = EXCLUDED.reason
+                    RETURNING id
                     """,
                     (row["id"], rec.caller_e164, row["customer_id"], row["group_id"], rec.callback_reason),
                 )
+                request = await cur.fetchone()
+                if self.missed_sms and request and rec.caller_e164 and is_mobile(rec.caller_e164):
+                    await webhooks.enqueue(conn, "message", self.missed_sms.url,
+                                           self.missed_sms.body(rec, request["id"]), f"message:callback:{request['id']}")
 
     async def _append_spool(self, rec: CallRecord) -> None:
         async with self._spool_lock:

@@ -287,6 +287,13 @@ class InboundConfig:
     say_next_opening: bool = _setting(True, bool, "true or false")
     # refuse calls that show no number (anonymous, withheld) as the block list's calls are refused
     block_anonymous: bool = _setting(False, bool, "true or false")
+    # a text message to a missed caller's mobile, through webhooks.messages_url (your SMS gateway), once per
+    # callback request; {shop} is shop.name
+    missed_call_sms: bool = _setting(False, bool, "true or false")
+    missed_call_text_ru: str = _setting("{shop}: мы пропустили ваш звонок и перезвоним вам в ближайшее время.",
+                                        str, "a non-empty text", _nonempty)
+    missed_call_text_en: str = _setting("{shop}: we missed your call and will call you back shortly.",
+                                        str, "a non-empty text", _nonempty)
 
 
 @dataclass(frozen=True)

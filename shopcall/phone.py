@@ -41,6 +41,16 @@ def to_e164(raw: str, region: str = "RU") -> str | None:
     return None
 
 
+@lru_cache(maxsize=4096)
+def is_mobile(e164: str) -> bool:
+    """Whether a text message can reach the number (mobile, or a plan where that cannot be told apart)."""
+    try:
+        kind = phonenumbers.number_type(phonenumbers.parse(e164))
+    except phonenumbers.NumberParseException:
+        return False
+    return kind in (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE)
+
+
 def require_e164(raw: str, region: str = "RU") -> str:
     e164 = to_e164(raw, region)
     if e164 is None:
