@@ -31,6 +31,8 @@ from tests.pbx import (
     require_asterisk_root,
 )
 from tests.pbx.service import free_tcp_port, prepare_shopcall, running
+from tests.pbx.sipp import place_call
+from tests.test_e2e_inbound import CRM_SECRET, Crm
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +43,27 @@ CUSTOMER = "+79161234567"
 def cb_stack(pg_url: str, tmp_path_factory) -> Iterator[dict]:
     require_asterisk_root()
     work = tmp_path_factory.mktemp("e2e-callbacks")
-    app, data, include = prepare_shopcall(work, pg_url, free_tcp_port())
-    # "trunk" is an endpoint like the agents': PJSIP/{number}@trunk sends the INVITE to its SIPp phone
+    sms = Crm()  # the shop's SMS gateway (webhooks.messages_url): texts to missed callers
+    app, data, include = prepare_shopcall(work, pg_url, free_tcp_port(), f"""
+[inbound]
+ring_timeout = 4
+missed_call_sms = true
+[webhooks]
+messages_url = "{sms.url}"
+secret = "{CRM_SECRET}"
+poll_seconds = 0.2
+""")
+    # "trunk" is an endpoint like the agents': PJSIP/{number}@trunk sends the INVITE to its SIPp phone;
+    # SIPp's own calls go straight into the inbound context
     pbx = AsteriskPbx(DEFAULT_ROOT, work, sip_port=None, ami_port=None, binds=[data],
                       agents={"agent1": free_sip_port(), "trunk": free_sip_port()},
-                      dialplan=f'#include "{include}"\n', sip_debug=True)
+                      dialplan=f'#include "{include}"\n', sip_debug=True, context="shopcall-inbound")
     with running(app, pbx):
-        yield {"pbx": pbx, "app": app, "url": pg_url, "work": work}
+        try:
+            yield {"pbx": pbx, "app": app, "url": pg_url, "work": work, "sms": sms,
+                   "sip": f"127.0.0.1:{pbx.sip_port}"}
+        finally:
+            sms.close()
 
 
 @pytest.fixture
@@ -210,6 +226,28 @@ async def test_click_to_call_from_the_api_rings_the_agent_then_dials_the_custome
                 await task
         await agent.stop()
         await customer.stop()
+
+
+async def test_a_missed_caller_is_texted_then_called_back(cb_stack, worker, dbc):
+    """A real call nobody answers: the missed row, its callback request, and the text to the caller's
+    mobile posted to the SMS gateway by `shopcall serve`'s webhook sender; then the callback itself."""
+    pool, config, ami = worker
+    work = cb_stack["work"]
+    agent = SippAgent("agent1", cb_stack["pbx"].agents["agent1"], work_dir=work, answer_after=None)
+    await agent.start()
+    try:
+        call = await place_call("100", digits="1", pbx=cb_stack["sip"], work_dir=work)
+        assert call.answered, explain(cb_stack, agent) + call.log_tail
+        await agent.wait_for("CANCELLED")
+    finally:
+        await agent.stop()
+    row = wait_for(lambda: dbc.execute("SELECT * FROM calls WHERE direction = 'inbound'").fetchone())
+    assert row and row["outcome"] == "missed_no_answer", explain(cb_stack, agent)
+    request = dbc.execute("SELECT * FROM callback_requests").fetchone()
+    [text] = cb_stack["sms"].call(row["uniqueid"], event="message")
+    assert (text["phone"], text["reason"], text["callback_request_id"], text["channel"]) == (
+        CUSTOMER, "missed_call", request["id"], "sms")
+    assert text["text"] == "Тест: мы пропустили ваш звонок и перезвоним вам в ближайшее время."
 
 
 def explain(stack, *agents: SippAgent) -> str:
