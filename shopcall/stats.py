@@ -53,6 +53,19 @@ QUERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
           FROM calls WHERE started_at >= %(start)s AND started_at < %(end)s AND direction = 'inbound'
            AND outcome <> 'blocked'
          GROUP BY 1 ORDER BY 1"""),
+    # who took the calls: inbound answered, outbound ones (callbacks, clicks to call, the robot's handed
+    # over) by the agent on them, and their talk time
+    "by_agent": ("By agent", ("agent", "name", "answered", "inbound", "outbound", "talk_min", "avg_talk_s",
+                              "avg_wait_s"), """
+        SELECT e.endpoint, e.name, count(*), count(*) FILTER (WHERE c.direction = 'inbound'),
+               count(*) FILTER (WHERE c.direction = 'outbound'),
+               round(sum(extract(epoch FROM c.ended_at - c.answered_at))::numeric / 60, 1),
+               round(avg(extract(epoch FROM c.ended_at - c.answered_at))::numeric, 1),
+               round(avg(extract(epoch FROM c.answered_at - c.started_at))
+                     FILTER (WHERE c.direction = 'inbound')::numeric, 1)
+          FROM calls c JOIN employees e ON e.id = c.answered_by
+         WHERE c.started_at >= %(start)s AND c.started_at < %(end)s AND c.outcome = 'answered'
+         GROUP BY e.endpoint, e.name ORDER BY 1"""),
     "callbacks": ("Callback requests", ("status", "requests"), """
         SELECT status, count(*) FROM callback_requests
          WHERE created_at >= %(start)s AND created_at < %(end)s GROUP BY 1 ORDER BY 1"""),

@@ -6,12 +6,13 @@ import csv
 import io
 import subprocess
 import sys
-from datetime import date
+from datetime import date, datetime
 
 import pytest
 
 from shopcall import stats
 from shopcall.call import DialResult, DialStatus
+from shopcall.calllog import CallRecord
 from tests.scripted import ScriptedCall
 from tests.test_inbound_flow import REPO_ROOT, info, run
 from tests.test_inbound_flow import app as flow_app  # noqa: F401 (fixture)
@@ -41,7 +42,18 @@ async def test_tables_count_what_the_flow_logged(app, conn, pool):
     await conn.execute("INSERT INTO survey_answers (call_id, employee_id, answer) SELECT c.id, c.answered_by, 1 "
                        "FROM calls c WHERE c.uniqueid = 's.1'")
     await conn.execute("UPDATE survey_answers SET created_at = '2026-11-25 12:05+03'")
+    await conn.execute("UPDATE calls SET ended_at = '2026-11-25 12:00:50+03' WHERE uniqueid = 's.1'")
+    # agent2 also called a customer back: 90 s of talk, outbound
+    await app.calllog.save(CallRecord(
+        "s.4", "asterisk", "+79161234567", "", "+79161234567", direction="outbound",
+        started_at=datetime.fromisoformat("2026-11-25T13:00:00+03:00"),
+        answered_at=datetime.fromisoformat("2026-11-25T13:00:10+03:00"),
+        ended_at=datetime.fromisoformat("2026-11-25T13:01:40+03:00"),
+        answered_endpoint="agent2", outcome="answered", missed=False))
     tables = {t.title: t for t in await stats.collect(pool, TODAY, TODAY, "Europe/Moscow")}
+    [agent2] = tables["By agent"].rows
+    assert agent2[:5] == ("agent2", "Борис Доставка", 2, 1, 1), agent2
+    assert agent2[5:] == (stats_decimal("2.0"), stats_decimal("60.0"), stats_decimal("20.0"))  # 30 s + 90 s
     assert tables["Summary"].rows == [(3, 1, 2, stats_decimal("33.3"), stats_decimal("20.0"), 0, 0)]
     assert tables["Missed calls by hour"].rows == [(12, 3, 2)]
     groups = {r[0]: r[1:4] for r in tables["By group"].rows}
