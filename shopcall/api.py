@@ -29,7 +29,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from shopcall import blocklist, callbacks, stats
+from shopcall import blocklist, callbacks, history, stats
 from shopcall.call import check_endpoint
 from shopcall.calllog import RECORDING_LINK
 from shopcall.config import is_loopback
@@ -332,27 +332,53 @@ async def set_agent(request: web.Request) -> web.StreamResponse:
     return _json({"endpoint": endpoint, "logged_in": state[0], "paused": state[1]})
 
 
-_CALLS = """
-SELECT c.id, c.uniqueid, c.direction, c.started_at, c.answered_at, c.ended_at, c.outcome, c.missed,
-       c.caller_number, c.caller_e164, c.dialled_number, g.name AS "group", c.answered_endpoint,
-       c.menu_choice, c.robot_choice, c.language, c.recording_path IS NOT NULL AS recorded,
-       s.answer AS survey_answer
-  FROM calls c LEFT JOIN groups g ON g.id = c.group_id LEFT JOIN survey_answers s ON s.call_id = c.id
- WHERE c.caller_e164 = %s ORDER BY c.started_at DESC, c.id DESC LIMIT %s"""
-
-
 async def list_calls(request: web.Request) -> web.StreamResponse:
-    q = _query(request, {"phone", "limit"})
+    """The call history, newest first: a caller's (`phone`), a range of days' (`from`, `to`, in the shop's
+    time zone), or both; pages of `limit` (`before` = the last id of the page before), or all as CSV."""
+    q = _query(request, {"phone", "limit", "from", "to", "before", "format"})
     raw = q.get("phone")
-    if not raw:
-        raise ApiError(400, "phone: required (E.164 such as +74951234567, or a local number)", {"parameter": "phone"})
-    e164 = _phone_param(request, raw)
+    if not raw and "from" not in q:
+        raise ApiError(400, "phone or from: required (E.164 such as +74951234567 or a local number; a day "
+                            "YYYY-MM-DD)", {"parameter": "phone"})
+    e164 = _phone_param(request, raw) if raw else None
+    start = end = first = last = None
+    if "from" in q:
+        first = _date_param(q, "from", FIRST_DAY)
+        last = _date_param(q, "to", first)
+        if last < first:
+            raise ApiError(400, f"to: the range ends ({last}) before it starts ({first})", {"parameter": "to"})
+        start, end = stats.day_range(first, last, request.app[CONFIG].shop.timezone)
+    elif "to" in q:
+        raise ApiError(400, "to: needs from", {"parameter": "to"})
+    fmt = q.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise ApiError(400, f"format: expected 'json' or 'csv', got {fmt[:40]!r}", {"parameter": "format"})
+    if fmt == "csv":
+        if "limit" in q or "before" in q:
+            raise ApiError(400, "format=csv: every call of the range, without limit or before",
+                           {"parameter": "limit" if "limit" in q else "before"})
+        return await _calls_csv(request, e164, start, end, f"calls-{first or e164}-{last or 'all'}.csv")
     limit = _int_param(q, "limit", 50, 1, CALLS_LIMIT_MAX)
+    before = _int_param(q, "before", 0, 1, BIGINT_MAX) if "before" in q else None
     async with request.app[POOL].connection() as conn:
-        cur = await conn.execute(_CALLS, (e164, limit))
-        rows = await cur.fetchall()
+        rows = await history.page(conn, phone=e164, start=start, end=end, before=before, limit=limit)
     calls = [{**r, "recording": RECORDING_LINK.format(r["id"]) if r["recorded"] else None} for r in rows]
-    return _json({"phone": e164, "calls": calls})
+    return _json({"phone": e164, "from": first, "to": last, "calls": calls,
+                  "next": calls[-1]["id"] if len(calls) == limit else None})
+
+
+async def _calls_csv(request: web.Request, phone: str | None, start, end, filename: str) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
+                                       "Content-Disposition": f'attachment; filename="{filename}"'})
+    async with request.app[POOL].connection() as conn:
+        chunks = history.csv_chunks(conn, phone=phone, start=start, end=end)
+        first = await anext(chunks)  # errors before the status line are still a clean 500/503
+        await resp.prepare(request)
+        await resp.write(first.encode())
+        async for chunk in chunks:
+            await resp.write(chunk.encode())
+    await resp.write_eof()
+    return resp
 
 
 CALLBACK_STATUSES = ("pending", "in_progress", "done", "failed")
@@ -615,16 +641,29 @@ OPENAPI: dict[str, Any] = {
                 **_AUTH_ERRORS},
         }},
         "/api/v1/calls": {"get": {
-            "summary": "A contact's call history, newest first",
+            "summary": "The call history, newest first: a caller's, a range of days', or both (JSON pages or CSV)",
             "parameters": [
-                {"name": "phone", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1},
-                 "description": "E.164 or a number as dialled in the shop's country (shop.country)"},
+                {"name": "phone", "in": "query", "schema": {"type": "string", "minLength": 1},
+                 "description": "E.164 or a number as dialled in the shop's country (shop.country); "
+                                "phone or from is required"},
+                {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"},
+                 "description": "first day, in shop.timezone"},
+                {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"},
+                 "description": "last day, included (default: from)"},
                 {"name": "limit", "in": "query",
                  "schema": {"type": "integer", "minimum": 1, "maximum": CALLS_LIMIT_MAX, "default": 50}},
+                {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX},
+                 "description": "the previous page's `next`: the calls after that one"},
+                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]},
+                 "description": "csv: every call of the range in one file (no limit, no before)"},
             ],
-            "responses": {"200": _ok("the calls", {"type": "object", "properties": {
-                "phone": {"type": "string"}, "calls": {"type": "array", "items": {"type": "object"}}}}),
-                "400": _err("not a phone number, bad limit or unknown parameter"), **_AUTH_ERRORS},
+            "responses": {"200": {"description": "the calls", "content": {
+                "application/json": {"schema": {"type": "object", "properties": {
+                    "phone": {"type": ["string", "null"]}, "calls": {"type": "array", "items": {"type": "object"}},
+                    "next": {"type": ["integer", "null"]}}}},
+                "text/csv": {"schema": {"type": "string"}}}},
+                "400": _err("neither phone nor from, not a phone number, a bad date, limit, before or format, or "
+                            "an unknown parameter"), **_AUTH_ERRORS},
         }, "post": {
             "summary": "Click to call: ring the agent's phone, then dial the customer when they answer",
             "description": "Taken by the callback worker of the agents' PBX as soon as the agent's phone is "

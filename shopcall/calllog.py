@@ -140,6 +140,11 @@ SELECT id, customer_id, group_id, answered_by FROM saved
 """
 
 
+# A call's wait and talk in seconds, for a calls table aliased {t} (the webhook's, the call history's).
+# answered_at is the end less the PBX's talk time: never before the start, whatever the clocks say.
+WAIT_SECONDS = ("greatest(round(extract(epoch FROM coalesce({t}.answered_at, {t}.ended_at) - {t}.started_at), 1), 0)")
+TALK_SECONDS = "round(extract(epoch FROM {t}.ended_at - {t}.answered_at), 1)"
+
 # What the shop's CRM gets for a call (README, "Calls to your CRM"): every key, null when not known.
 _CALL_BODY = ", ".join(f"'{k}', {v}" for k, v in {
     "event": "'call_ended'",
@@ -161,10 +166,8 @@ _CALL_BODY = ", ".join(f"'{k}', {v}" for k, v in {
     "started_at": "saved.started_at",
     "answered_at": "saved.answered_at",
     "ended_at": "saved.ended_at",
-    # answered_at is the end less the PBX's talk time: never before the start, whatever the clocks say
-    "wait_seconds": "greatest(round(extract(epoch FROM coalesce(saved.answered_at, saved.ended_at)"
-                    " - saved.started_at), 1), 0)",
-    "talk_seconds": "round(extract(epoch FROM saved.ended_at - saved.answered_at), 1)",
+    "wait_seconds": WAIT_SECONDS.format(t="saved"),
+    "talk_seconds": TALK_SECONDS.format(t="saved"),
     "agent_endpoint": "saved.answered_endpoint",
     "agent_name": "e.name",
     "recording_path": "saved.recording_path",

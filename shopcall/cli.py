@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--to", dest="last", type=date.fromisoformat, help="last day, included (default: --from)")
     st.add_argument("--csv", action="store_true", help="CSV instead of tables")
 
+    cl = sub.add_parser("calls", help="the call history as CSV: a range of days, a caller, or both")
+    cl.add_argument("--from", dest="first", type=date.fromisoformat, help="first day (default: today)")
+    cl.add_argument("--to", dest="last", type=date.fromisoformat, help="last day, included (default: --from)")
+    cl.add_argument("--phone", help="only this caller's calls (then every day unless --from is given)")
+
     pg = sub.add_parser("purge-recordings", help="delete call recordings older than recording.retention_days")
     pg.add_argument("--days", type=int, help="override recording.retention_days")
 
@@ -186,6 +191,9 @@ async def _run(args: argparse.Namespace, config) -> int:
     if args.cmd == "block":
         return await _block(config, args)
 
+    if args.cmd == "calls":
+        return await _calls_csv(config, args)
+
     if args.cmd == "call":
         return await _click_to_call(config, args)
 
@@ -259,6 +267,33 @@ async def _block(config, args: argparse.Namespace) -> int:
             return 2
     until = f"until {entry['until']:%Y-%m-%d %H:%M %Z}" if entry["until"] else "until removed"
     print(f"{e164}: calls refused {until}")
+    return 0
+
+
+async def _calls_csv(config, args: argparse.Namespace) -> int:
+    from zoneinfo import ZoneInfo
+
+    from shopcall import db, history, stats
+    from shopcall.phone import to_e164
+
+    phone = None
+    if args.phone is not None:
+        phone = to_e164(args.phone, config.shop.country)
+        if phone is None:
+            print(f"shopcall: calls: not a phone number: {args.phone!r}", file=sys.stderr)
+            return 2
+    start = end = None
+    if args.first or args.last or phone is None:
+        first = args.first or args.last or datetime.now(ZoneInfo(config.shop.timezone)).date()
+        try:
+            start, end = stats.day_range(first, args.last or first, config.shop.timezone)
+        except ValueError as exc:
+            print(f"shopcall: {exc}", file=sys.stderr)
+            return 2
+    url = await db.resolve_url(config.database.url, config.pgdata)
+    async with db.open_pool(url, min_size=1, max_size=1) as pool, pool.connection() as conn:
+        async for chunk in history.csv_chunks(conn, phone=phone, start=start, end=end):
+            sys.stdout.write(chunk)
     return 0
 
 

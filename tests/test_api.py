@@ -299,10 +299,56 @@ async def test_calls_by_phone(client, seeded):
     assert (await resp.json())["calls"] == []
 
 
+async def test_calls_of_a_range_of_days_in_pages(client, seeded, conn):
+    day = {"from": "2026-11-25"}
+    data = await (await client.get("/api/v1/calls", params={**day, "limit": "2"}, headers=AUTH)).json()
+    # a.1 and a.3 started at the same moment: the id breaks the tie, the same way on every page
+    assert [c["uniqueid"] for c in data["calls"]] == ["a.2", "a.3"] and data["next"] == data["calls"][-1]["id"]
+    rest = await (await client.get("/api/v1/calls", params={**day, "limit": "2", "before": str(data["next"])},
+                                   headers=AUTH)).json()
+    assert [c["uniqueid"] for c in rest["calls"]] == ["a.1"] and rest["next"] is None
+    answered = rest["calls"][0]
+    assert (answered["agent_name"], answered["wait_seconds"], answered["caller_name"]) == ("Anna", 20.0, "Ivan")
+    # Moscow days: 12:00 and 13:00 MSK on the 25th, nothing on the 24th or the 26th
+    for other in ("2026-11-24", "2026-11-26"):
+        assert (await (await client.get("/api/v1/calls", params={"from": other}, headers=AUTH)).json())["calls"] == []
+    both = await (await client.get("/api/v1/calls", params={**day, "to": "2026-11-26", "phone": "+74957778899"},
+                                   headers=AUTH)).json()
+    assert [c["uniqueid"] for c in both["calls"]] == ["a.3"]
+
+
+async def test_calls_as_one_csv(client, seeded):
+    resp = await client.get("/api/v1/calls", params={"from": "2026-11-25", "format": "csv"}, headers=AUTH)
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/csv")
+    assert 'filename="calls-2026-11-25-2026-11-25.csv"' in resp.headers["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(await resp.text())))
+    assert [r["uniqueid"] for r in rows] == ["a.2", "a.3", "a.1"]
+    assert (rows[2]["outcome"], rows[2]["answered_endpoint"], rows[2]["survey_answer"], rows[2]["recorded"]) == (
+        "answered", "anna", "1", "False")
+    assert rows[0]["answered_at"] == "" and datetime.fromisoformat(rows[2]["started_at"]) == MSK
+
+
+async def test_a_csv_of_many_calls_comes_in_chunks(client, conn, pool, tmp_path):
+    await conn.execute("""INSERT INTO calls (uniqueid, pbx, direction, caller_number, caller_name, dialled_number,
+                              started_at, ended_at, outcome, missed, route_log)
+                          SELECT 'bulk.' || n, 'asterisk', 'inbound', '8916' || n, 'Имя, "с кавычками"', '100',
+                                 %s + n * interval '1 second', %s + n * interval '2 second', 'missed_no_answer',
+                                 true, '[]'
+                            FROM generate_series(1, 1234) AS n""", (MSK, MSK))
+    resp = await client.get("/api/v1/calls", params={"from": "2026-11-25", "format": "csv"}, headers=AUTH)
+    rows = list(csv.DictReader(io.StringIO(await resp.text())))
+    assert len(rows) == 1234 and rows[0]["uniqueid"] == "bulk.1234" and rows[-1]["uniqueid"] == "bulk.1"
+    assert {r["caller_name"] for r in rows} == {'Имя, "с кавычками"'}
+
+
 @pytest.mark.parametrize("query, parameter", [
     ({}, "phone"), ({"phone": "hello"}, "phone"), ({"phone": "123"}, "phone"),
     ({"phone": "+79161234567", "limit": "0"}, "limit"), ({"phone": "+79161234567", "limit": "x"}, "limit"),
     ({"phone": "+79161234567", "limit": "100000"}, "limit"),
+    ({"from": "2026-13-01"}, "from"), ({"from": "2026-11-25", "to": "2026-11-24"}, "to"),
+    ({"phone": "+79161234567", "to": "2026-11-25"}, "to"),
+    ({"from": "2026-11-25", "before": "x"}, "before"), ({"from": "2026-11-25", "format": "xml"}, "format"),
+    ({"from": "2026-11-25", "format": "csv", "limit": "5"}, "limit"),
 ])
 async def test_calls_bad_parameters(client, query, parameter):
     resp = await client.get("/api/v1/calls", params=query, headers=AUTH)
@@ -499,3 +545,17 @@ async def test_a_failing_handler_gives_json_500_without_trace_and_logs(client, m
     assert "Traceback" not in text
     assert any("GET /api/v1/stats -> 500" in r.getMessage() for r in caplog.records)
     assert TOKEN not in caplog.text
+
+
+def test_the_cli_writes_the_same_csv(seeded, pg_url, tmp_path):
+    from tests.test_cli_db import shopcall
+
+    cfg = tmp_path / "shopcall.toml"
+    cfg.write_text(f'[paths]\ndata_dir = "{tmp_path}"\n[database]\nurl = "{pg_url}"\n')
+    out = shopcall("calls", "--from", "2026-11-25", config=cfg)
+    assert out.returncode == 0, out.stderr
+    assert [r["uniqueid"] for r in csv.DictReader(io.StringIO(out.stdout))] == ["a.2", "a.3", "a.1"]
+    mine = shopcall("calls", "--phone", "8 916 123-45-67", config=cfg)  # every day of this caller's
+    assert [r["uniqueid"] for r in csv.DictReader(io.StringIO(mine.stdout))] == ["a.2", "a.1"]
+    assert shopcall("calls", "--phone", "hello", config=cfg).returncode == 2
+    assert shopcall("calls", "--from", "2026-11-25", "--to", "2026-11-24", config=cfg).returncode == 2
