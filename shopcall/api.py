@@ -29,7 +29,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from shopcall import blocklist, callbacks, history, stats
+from shopcall import blocklist, callbacks, history, stats, status
 from shopcall.call import check_endpoint
 from shopcall.calllog import RECORDING_LINK
 from shopcall.config import is_loopback
@@ -542,6 +542,13 @@ async def get_recording(request: web.Request) -> web.StreamResponse:
         "Content-Type": "audio/wav", "Content-Disposition": f'attachment; filename="call-{call_id}.wav"'})
 
 
+async def get_status(request: web.Request) -> web.StreamResponse:
+    """Is anything stuck: migrations, agents, the callback queue, outboxes, this machine's spools."""
+    _query(request, set())
+    async with request.app[POOL].connection() as conn:
+        return _json(await status.collect(conn, request.app[CONFIG]))
+
+
 async def healthz(request: web.Request) -> web.StreamResponse:
     try:
         async with request.app[POOL].connection(timeout=3.0) as conn:
@@ -760,6 +767,12 @@ OPENAPI: dict[str, Any] = {
                               "404": _err("the number is not on the block list"), **_AUTH_ERRORS},
             },
         },
+        "/api/v1/status": {"get": {
+            "summary": "Is anything stuck: migrations, agents, callback queue, webhook and mail outboxes, spools",
+            "responses": {"200": _ok("the report; `problems` in words", {"type": "object", "properties": {
+                "problems": {"type": "array", "items": {"type": "string"}}}}),
+                "400": _err("a query parameter (this operation takes none)"), **_AUTH_ERRORS},
+        }},
         "/api/openapi.json": {"get": {
             "summary": "This document", "security": [],
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
@@ -804,6 +817,7 @@ def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
     app.router.add_get("/api/v1/blocked", list_blocked)
     app.router.add_put("/api/v1/blocked/{phone}", put_blocked)
     app.router.add_delete("/api/v1/blocked/{phone}", delete_blocked)
+    app.router.add_get("/api/v1/status", get_status)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
     from shopcall import api_outbound

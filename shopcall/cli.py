@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument("phone")
     cc.add_argument("--ref", help="your own id for the call (returned in the call's webhook)")
 
+    sub.add_parser("status", help="is anything stuck (outboxes, callbacks, spools, migrations); exit 1 if so")
+
     sub.add_parser("check-config", help="say what is wrong with the configuration, with line and key")
 
     d = sub.add_parser("db", help="database: migrate, load a directory file, print the URL, stop")
@@ -193,6 +195,15 @@ async def _run(args: argparse.Namespace, config) -> int:
 
     if args.cmd == "calls":
         return await _calls_csv(config, args)
+
+    if args.cmd == "status":
+        from shopcall import status
+
+        url = await db.resolve_url(config.database.url, config.pgdata)
+        async with db.open_pool(url, min_size=1, max_size=1) as pool, pool.connection() as conn:
+            report = await status.collect(conn, config)
+        sys.stdout.write(status.as_text(report))
+        return 1 if report["problems"] else 0
 
     if args.cmd == "call":
         return await _click_to_call(config, args)
