@@ -9,17 +9,15 @@ import contextlib
 import dataclasses
 import json
 
-import aiohttp
 import pytest
 
 from agi.ami import OriginateResult
 from shopcall import callbacks
-from shopcall.api import start_api
 from shopcall.call import DialResult, DialStatus
 from shopcall.calllog import CallLog
 from shopcall.flows.callback import callback as callback_flow
 from shopcall.notify import wake_on
-from tests.test_api import AUTH, api_config
+from tests.test_api import AUTH, api, client  # noqa: F401 (fixtures)
 from tests.test_callbacks import (  # noqa: F401 (fixtures)
     AgentLeg,
     FakeAmi,
@@ -161,15 +159,7 @@ async def test_a_notify_wakes_the_worker_long_before_its_poll(loaded, pool, pg_u
 # ---- over the API ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def client(pool, loaded):
-    runner = await start_api(api_config(), pool)
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{runner.port}") as session:
-        yield session
-    await runner.stop()
-
-
-async def test_api_click_to_call_then_follow_the_request(client):
+async def test_api_click_to_call_then_follow_the_request(client, loaded):
     resp = await client.post("/api/v1/calls", json={"agent": "agent1", "phone": "8 916 123-45-67", "ref": "c-1"},
                              headers=AUTH)
     assert resp.status == 202, await resp.text()
@@ -195,13 +185,13 @@ async def test_api_click_to_call_then_follow_the_request(client):
     ({"agent": "agent1", "phone": PHONE, "ref": "x" * 201}, 422, "ref"),
     ({"agent": "agent1", "phone": PHONE, "dial": "now"}, 422, "dial"),
 ])
-async def test_api_bad_clicks(client, body, status, field):
+async def test_api_bad_clicks(client, loaded, body, status, field):
     resp = await client.post("/api/v1/calls", data=json.dumps(body), headers=AUTH)
     assert resp.status == status, await resp.text()
     assert (await resp.json())["detail"]["field"] == field
 
 
-async def test_api_unknown_request_is_404(client):
+async def test_api_unknown_request_is_404(client, loaded):
     for rid in ("999", "0", "١٢", "99999999999999999999"):
         assert (await client.get(f"/api/v1/callbacks/{rid}", headers=AUTH)).status == 404
 

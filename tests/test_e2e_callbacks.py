@@ -88,6 +88,16 @@ def dbc(cb_stack) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+async def answering_phones(stack) -> tuple[SippAgent, SippAgent]:
+    """agent1's phone and the customer's (behind the trunk), both answering; the customer hangs up after 2 s."""
+    agent = SippAgent("agent1", stack["pbx"].agents["agent1"], work_dir=stack["work"], answer_after=0.5)
+    customer = SippAgent("trunk", stack["pbx"].agents["trunk"], work_dir=stack["work"], answer_after=0.5,
+                         hangup_after=2.0)
+    await agent.start()
+    await customer.start()
+    return agent, customer
+
+
 def wait_for(fn, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -99,12 +109,7 @@ def wait_for(fn, timeout: float = 20.0):
 
 async def test_agent_answers_then_customer_answers_request_done(cb_stack, worker, dbc):
     pool, config, ami = worker
-    work = cb_stack["work"]
-    agent = SippAgent("agent1", cb_stack["pbx"].agents["agent1"], work_dir=work, answer_after=0.5)
-    customer = SippAgent("trunk", cb_stack["pbx"].agents["trunk"], work_dir=work, answer_after=0.5,
-                         hangup_after=2.0)
-    await agent.start()
-    await customer.start()
+    agent, customer = await answering_phones(cb_stack)
     try:
         rid = dbc.execute(
             """INSERT INTO callback_requests (phone, group_id, reason)
@@ -187,12 +192,7 @@ async def test_click_to_call_from_the_api_rings_the_agent_then_dials_the_custome
     config = dataclasses.replace(
         config, callbacks=CallbacksConfig(agent_ring_seconds=10, customer_ring_seconds=10, poll_seconds=60),
         api=ApiConfig(port=0, tokens=("t0ken",)))
-    work = cb_stack["work"]
-    agent = SippAgent("agent1", cb_stack["pbx"].agents["agent1"], work_dir=work, answer_after=0.5)
-    customer = SippAgent("trunk", cb_stack["pbx"].agents["trunk"], work_dir=work, answer_after=0.5,
-                         hangup_after=2.0)
-    await agent.start()
-    await customer.start()
+    agent, customer = await answering_phones(cb_stack)
     wake = asyncio.Event()
     tasks = [asyncio.create_task(wake_on(cb_stack["url"], callbacks.CHANNEL, wake, purpose="test")),
              asyncio.create_task(callbacks.run_forever(pool, config, AsteriskAgentPhones(ami, config), wake))]
