@@ -127,6 +127,7 @@ async def test_the_agent_answers_and_the_customer_is_bridged_over_the_outbound_s
     [bridge] = fs.bridges
     assert [target for _, target in bridge.legs] == [f"sofia/gateway/trunk/{CUSTOMER}"]
     assert bridge.call_timeout == "30"  # callbacks.customer_ring_seconds
+    assert "playback" in [app for app, _ in fs.apps][:4], fs.apps  # "calling back" and the number, first
     row = await request(loaded, rid)
     assert (row["status"], row["last_result"]) == ("done", "answered")
     c = await (await loaded.execute(
@@ -182,3 +183,30 @@ async def test_shopcall_serve_runs_the_worker_through_the_event_socket(app, load
         server.close()
     assert [m for m in replays[0].received if m.startswith(b"bgapi originate")][0].endswith(
         b"}user/agent2 callback XML shopcall-robot\n\n")
+
+
+async def test_a_click_to_call_on_freeswitch_rings_its_agent_and_bridges_at_once(app, loaded, pool):  # noqa: F811
+    queued = await add_request(loaded, phone="+79160000002")  # older, for the delivery group (agent2 first)
+    rid = (await callbacks.click_to_call(pool, "agent4", CUSTOMER, ref="crm-5"))["id"]
+    phones, client, server, replays = await replayed_phones(app.config)
+    try:
+        [offer] = await callbacks.offer_due(pool, app.config, phones, limit=1)
+    finally:
+        await client.close()
+        server.close()
+    assert (offer.request_id, offer.endpoint) == (rid, "agent4")  # the click first, to its agent only
+    [sent] = [m.decode() for m in replays[0].received if m.startswith(b"bgapi originate")]
+    assert f"shopcall_arg_id={rid},dialed_user=agent4," in sent and sent.endswith("}user/agent4 callback XML shopcall-robot\n\n")
+    assert (await request(loaded, queued))["status"] == "pending"
+    # agent4 answers: the customer is bridged without the number being read out first
+    variables = {"shopcall_flow": "callback", "shopcall_arg_id": str(rid), "dialed_user": "agent4"}
+    fs = await call_once(esl_routes(dataclasses.replace(app, prompts=WireSafeNames()), {"callback": callback_flow}),
+                         Caller(answers=[CUSTOMER], talk_seconds=5), number="agent4", destination="callback",
+                         variables=variables)
+    [bridge] = fs.bridges
+    assert [target for _, target in bridge.legs] == [f"sofia/gateway/trunk/{CUSTOMER}"]
+    assert [app for app, _ in fs.apps if app in ("playback", "say", "speak")] == [], fs.apps
+    row = await request(loaded, rid)
+    assert (row["status"], row["last_result"], row["external_ref"]) == ("done", "answered", "crm-5")
+    c = await (await loaded.execute("SELECT pbx, outcome, callback_request_id FROM calls")).fetchone()
+    assert c == {"pbx": "freeswitch", "outcome": "answered", "callback_request_id": rid}
