@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import psycopg
@@ -32,6 +33,7 @@ from psycopg_pool import AsyncConnectionPool
 from shopcall.call import PbxError, check_number, presentable
 from shopcall.config import Config
 from shopcall.dialler import DialOutcome, OutcomeUnknown
+from shopcall.screen_pop import ScreenPop
 
 log = logging.getLogger("shopcall.callbacks")
 
@@ -60,6 +62,9 @@ class Offer:
     phone: str
     endpoint: str
     attempt: int  # attempts after this claim: guards every later update against a stale worker
+    reason: str = "no_answer"
+    customer_id: int | None = None
+    external_ref: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class CallbackError(Exception):
 
 # a click to call first (the agent is waiting for it), then the oldest due
 _CLAIM = """
-SELECT id, phone, group_id, agent_wanted FROM callback_requests
+SELECT id, phone, group_id, agent_wanted, reason, customer_id, external_ref FROM callback_requests
 WHERE status = 'pending' AND due_at <= now() AND NOT (id = ANY(%s))
 ORDER BY (agent_wanted IS NULL), due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
 """
@@ -141,7 +146,8 @@ async def claim(pool: AsyncConnectionPool, phones: AgentPhones, *, exclude: list
                            claimed_at = now(), agent_endpoint = %s, connected_at = NULL
                            WHERE id = %s RETURNING attempts""", (endpoint, row["id"]))).fetchone()
                     assert upd is not None
-                    return Offer(row["id"], row["phone"], endpoint, upd["attempts"])
+                    return Offer(row["id"], row["phone"], endpoint, upd["attempts"], row["reason"],
+                                 row["customer_id"], row["external_ref"])
             if not wanted:
                 return None  # any free agent may take any queued request: none for this one, none for the rest
             skipped.append(row["id"])
@@ -224,9 +230,22 @@ async def request_row(conn: psycopg.AsyncConnection, request_id: int) -> dict[st
     return await cur.fetchone()
 
 
-async def dial(pool: AsyncConnectionPool, config: Config, phones: AgentPhones, offer: Offer) -> str:
+def ringing_body(offer: Offer, ring_seconds: int) -> dict[str, Any]:
+    """The CRM's screen pop (webhooks.ringing_url) as the agent's phone rings for a callback or a click."""
+    return {"event": "call_ringing", "direction": "outbound", "uniqueid": None,
+            "reason": "click_to_call" if offer.reason == CLICK_TO_CALL else "callback", "phone": offer.phone,
+            "customer_id": offer.customer_id, "callback_request_id": offer.request_id, "crm_ref": offer.external_ref,
+            "agents": [{"endpoint": offer.endpoint, "name": None}], "ring_seconds": ring_seconds,
+            "at": datetime.now(UTC).isoformat()}
+
+
+async def dial(pool: AsyncConnectionPool, config: Config, phones: AgentPhones, offer: Offer,
+               pop: ScreenPop | None = None) -> str:
     """Ring the agent; on answer the dialplan runs the callback flow, which owns the request from then on.
     Returns the outcome: answered, no_answer/busy/failed/… (released), or unknown (left for reconcile)."""
+    if pop is not None:
+        pop.ringing(ringing_body(offer, config.callbacks.agent_ring_seconds),
+                    f"callback-{offer.request_id}/{offer.attempt}")
     try:
         result = await phones.ring(offer.endpoint, request_id=offer.request_id, phone=offer.phone,
                                    ring_seconds=config.callbacks.agent_ring_seconds)
@@ -255,8 +274,8 @@ async def dial(pool: AsyncConnectionPool, config: Config, phones: AgentPhones, o
     return result.outcome
 
 
-async def offer_due(pool: AsyncConnectionPool, config: Config, phones: AgentPhones, *, limit: int = 20
-                    ) -> list[Offer]:
+async def offer_due(pool: AsyncConnectionPool, config: Config, phones: AgentPhones, *, limit: int = 20,
+                    pop: ScreenPop | None = None) -> list[Offer]:
     """Claim due requests while free agents last, ring them all at once, and wait for every outcome."""
     offers: list[Offer] = []
     while len(offers) < limit:
@@ -265,7 +284,7 @@ async def offer_due(pool: AsyncConnectionPool, config: Config, phones: AgentPhon
             break  # any free agent may take any request: none free for this one means none for the rest
         offers.append(offer)
     if offers:
-        await asyncio.gather(*(dial(pool, config, phones, o) for o in offers))
+        await asyncio.gather(*(dial(pool, config, phones, o, pop) for o in offers))
     return offers
 
 
@@ -342,7 +361,7 @@ async def reconcile(pool: AsyncConnectionPool, config: Config, *, ring_grace: fl
 
 
 async def run_forever(pool: AsyncConnectionPool, config: Config, phones: AgentPhones,
-                      wake: asyncio.Event | None = None) -> None:
+                      wake: asyncio.Event | None = None, pop: ScreenPop | None = None) -> None:
     """Every poll_seconds, or when `wake` is set (a click to call): reconcile, then offer due requests.
     Rounds overlap (an agent ringing for 20 s does not hold back the others); claims keep them apart."""
     rounds: set[asyncio.Task] = set()
@@ -351,7 +370,7 @@ async def run_forever(pool: AsyncConnectionPool, config: Config, phones: AgentPh
             try:
                 await reconcile(pool, config)
                 if len(rounds) < 10:
-                    task = asyncio.create_task(offer_due(pool, config, phones), name="callback-offers")
+                    task = asyncio.create_task(offer_due(pool, config, phones, pop=pop), name="callback-offers")
                     rounds.add(task)
                     task.add_done_callback(_round_done(rounds))
             except Exception:

@@ -155,6 +155,7 @@ async def serve_callbacks(pool, config: Config, pbx: str, url: str) -> None:
     asterisk.ami_secret), FreeSWITCH through its inbound event socket. A click to call wakes it (NOTIFY)."""
     from shopcall import callbacks
     from shopcall.notify import wake_on
+    from shopcall.screen_pop import ScreenPop
 
     if not config.callbacks.enabled:
         log.info("callback worker off (callbacks.enabled = false)")
@@ -179,11 +180,14 @@ async def serve_callbacks(pool, config: Config, pbx: str, url: str) -> None:
     listener = asyncio.create_task(wake_on(url, callbacks.CHANNEL, wake, purpose="callback worker",
                                            connect_timeout=config.database.connect_timeout),
                                    name="callback-wake")
+    pop = ScreenPop(config.webhooks) if config.webhooks.ringing_url else None  # the CRM opens the card
     try:
-        await callbacks.run_forever(pool, config, phones, wake)
+        await callbacks.run_forever(pool, config, phones, wake, pop)
     finally:
         listener.cancel()
         await link.close()
+        if pop is not None:
+            await pop.close()
 
 
 async def serve_dialler(pool, config: Config) -> None:

@@ -15,8 +15,10 @@ from agi.ami import OriginateResult
 from shopcall import callbacks
 from shopcall.call import DialResult, DialStatus
 from shopcall.calllog import CallLog
+from shopcall.config import WebhooksConfig
 from shopcall.flows.callback import callback as callback_flow
 from shopcall.notify import wake_on
+from shopcall.screen_pop import ScreenPop
 from tests.test_api import AUTH, api, client  # noqa: F401 (fixtures)
 from tests.test_callbacks import (  # noqa: F401 (fixtures)
     AgentLeg,
@@ -30,6 +32,7 @@ from tests.test_callbacks import (  # noqa: F401 (fixtures)
     request,
 )
 from tests.test_cli_db import config, shopcall  # noqa: F401  (config: a fixture)
+from tests.test_webhooks import shop  # noqa: F401 (fixture)
 
 PHONE = "+79161234567"
 
@@ -222,3 +225,20 @@ async def test_api_cancels_a_pending_request_but_not_one_that_rings(client, load
     resp = await client.delete(f"/api/v1/callbacks/{ringing}", headers=AUTH)
     assert resp.status == 409 and "in_progress" in (await resp.json())["error"]
     assert (await client.delete("/api/v1/callbacks/99999", headers=AUTH)).status == 404
+
+
+async def test_the_crm_pops_the_card_when_the_agents_phone_rings(loaded, pool, shop):
+    pop = ScreenPop(WebhooksConfig(ringing_url=shop.url, secret="s"))
+    queued = await add_request(loaded, phone="+79160000002")
+    rid = (await callbacks.click_to_call(pool, "agent1", PHONE, ref="crm-3"))["id"]
+    offers = await callbacks.offer_due(pool, make_config(), asterisk(FakeAmi()), pop=pop)
+    await pop.close()
+    assert {o.request_id for o in offers} == {rid, queued}
+    bodies = {b["callback_request_id"]: b for b in (json.loads(raw) for _, raw in shop.requests)}
+    click, callback = bodies[rid], bodies[queued]
+    assert (click["event"], click["direction"], click["reason"], click["phone"], click["crm_ref"]) == (
+        "call_ringing", "outbound", "click_to_call", PHONE, "crm-3")
+    assert click["agents"] == [{"endpoint": "agent1", "name": None}] and click["ring_seconds"] == 20
+    assert (callback["reason"], callback["phone"], callback["crm_ref"]) == ("callback", "+79160000002", None)
+    assert callback["agents"][0]["endpoint"] != "agent1"
+    assert {h["X-Shopcall-Kind"] for h, _ in shop.requests} == {"ringing"}

@@ -172,7 +172,7 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
 def _ringing_body(rec: CallRecord, route, caller, step: routing.RingStep, shown: str) -> dict:
     """What the CRM's screen pop gets (README, "Calls to your CRM"): who calls, whose phones ring, why."""
     return {
-        "event": "call_ringing", "uniqueid": rec.uniqueid, "pbx": rec.pbx, "caller_number": rec.caller_number,
+        "event": "call_ringing", "direction": "inbound", "uniqueid": rec.uniqueid, "pbx": rec.pbx, "caller_number": rec.caller_number,
         "caller_e164": rec.caller_e164, "caller_name": rec.caller_name, "shown_to_agents": shown,
         "customer_id": caller.customer_id, "dialled_number": rec.dialled_number, "category": route.category,
         "group": step.group.name if step.group else None, "reason": step.reason, "menu_choice": rec.menu_choice,
