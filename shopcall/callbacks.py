@@ -100,6 +100,7 @@ _CANDIDATES = """
 SELECT e.endpoint FROM employees e
 LEFT JOIN group_members gm ON gm.employee_id = e.id AND gm.group_id = %s
 WHERE e.logged_in AND NOT e.paused
+  AND (e.last_call_ended_at IS NULL OR e.last_call_ended_at <= now() - make_interval(secs => %s))
 ORDER BY (gm.group_id IS NULL), gm.position, e.last_call_at NULLS FIRST, e.id
 """
 _AGENT_BUSY = "SELECT 1 FROM callback_requests WHERE status = 'in_progress' AND agent_endpoint = %s"
@@ -123,10 +124,11 @@ def shown_to_agent(phone: str) -> tuple[str, str]:
     return number, presentable("Callback " + number)
 
 
-async def claim(pool: AsyncConnectionPool, phones: AgentPhones, *, exclude: list[int] | None = None
-                ) -> Offer | None:
+async def claim(pool: AsyncConnectionPool, phones: AgentPhones, *, exclude: list[int] | None = None,
+                wrapup: int = 0) -> Offer | None:
     """Take the first due request and a free agent for it; None when there is no request or no agent.
-    A click to call goes to its agent only; while that phone is busy the other requests still go."""
+    A click to call goes to its agent only; while that phone is busy the other requests still go. Agents
+    whose last call ended less than `wrapup` seconds ago are not offered a queued request."""
     skipped = list(exclude or [])
     async with pool.connection() as conn, conn.transaction():
         while True:
@@ -138,7 +140,7 @@ async def claim(pool: AsyncConnectionPool, phones: AgentPhones, *, exclude: list
                 candidates = [wanted]
             else:
                 candidates = [c["endpoint"] for c in
-                              await (await conn.execute(_CANDIDATES, (row["group_id"],))).fetchall()]
+                              await (await conn.execute(_CANDIDATES, (row["group_id"], wrapup))).fetchall()]
             for endpoint in candidates:
                 if await _agent_free(conn, phones, endpoint):
                     upd = await (await conn.execute(
@@ -279,7 +281,8 @@ async def offer_due(pool: AsyncConnectionPool, config: Config, phones: AgentPhon
     """Claim due requests while free agents last, ring them all at once, and wait for every outcome."""
     offers: list[Offer] = []
     while len(offers) < limit:
-        offer = await claim(pool, phones, exclude=[o.request_id for o in offers])
+        offer = await claim(pool, phones, exclude=[o.request_id for o in offers],
+                            wrapup=config.inbound.wrapup_seconds)
         if offer is None:
             break  # any free agent may take any request: none free for this one means none for the rest
         offers.append(offer)

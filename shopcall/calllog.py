@@ -133,7 +133,8 @@ def _save_statement(*, post: bool) -> str:
                            LEFT JOIN employees e ON e.id = saved.answered_by)""" if post else ""
     return f"""
 WITH saved AS ({upsert}),
-     employee AS (UPDATE employees e SET last_call_at = %(answered_at)s FROM saved WHERE e.id = saved.answered_by),
+     employee AS (UPDATE employees e SET last_call_at = %(answered_at)s, last_call_ended_at = %(ended_at)s
+                  FROM saved WHERE e.id = saved.answered_by),
      customer AS (UPDATE customers c SET last_manager_id = saved.answered_by FROM saved
                    WHERE c.id = saved.customer_id AND saved.answered_by IS NOT NULL){hook}
 SELECT id, customer_id, group_id, answered_by FROM saved

@@ -283,6 +283,9 @@ class InboundConfig:
     menu_timeout: float = _number(5.0, float)
     menu_retries: int = _number(2, int, lo=0)
     ring_timeout: int = _number(20, int, lo=1)
+    # seconds after an agent's call ends before their phone rings for the next one (0: at once); a ring step
+    # whose agents are all in wrap-up rings them anyway, so no call is missed for it
+    wrapup_seconds: int = _number(0, int, lo=0, hi=3600)
     # when closed, say when the number's schedule opens next (off: a recorded after_hours says it already)
     say_next_opening: bool = _setting(True, bool, "true or false")
     # refuse calls that show no number (anonymous, withheld) as the block list's calls are refused

@@ -265,6 +265,15 @@ class Directory:
             row = await cur.fetchone()
         return (row["logged_in"], row["paused"]) if row else None
 
+    async def in_wrapup(self, seconds: int) -> frozenset[str]:
+        """Endpoints of the agents whose last call ended less than `seconds` ago (inbound.wrapup_seconds)."""
+        if seconds <= 0:
+            return frozenset()
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT endpoint FROM employees WHERE last_call_ended_at > "
+                                     "now() - make_interval(secs => %s)", (seconds,))
+            return frozenset(r["endpoint"] for r in await cur.fetchall())
+
     async def group(self, name: str) -> Group | None:
         """The group and its members who can take a call now, in ringing order: kept in memory while the
         database tells us of every change (shopcall/group_cache.py), else one query."""

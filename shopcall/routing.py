@@ -3,6 +3,7 @@ department (menu choice, the tracking number's category, the number's own group)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from shopcall.call import DialStrategy
@@ -21,9 +22,11 @@ class RingStep:
 
 
 async def plan(
-    directory: Directory, route: NumberRoute, caller: Caller, *, menu_group: str | None
+    directory: Directory, route: NumberRoute, caller: Caller, *, menu_group: str | None,
+    in_wrapup: frozenset[str] = frozenset(),
 ) -> tuple[list[RingStep], list[dict]]:
-    """The ring steps for this call and, for the call's route log, the steps skipped and why."""
+    """The ring steps for this call and, for the call's route log, the steps skipped and why. Agents
+    `in_wrapup` are left out of a step unless nobody else is in it."""
     steps: list[RingStep] = []
     skipped: list[dict] = []
 
@@ -65,7 +68,21 @@ async def plan(
             fallback = await directory.group(route.group_name)
             if fallback and fallback.members:
                 steps.append(_group_step("number", fallback, route))
+    if in_wrapup:
+        steps = [_rested(step, in_wrapup, skipped) for step in steps]
     return steps, skipped
+
+
+def _rested(step: RingStep, in_wrapup: frozenset[str], skipped: list[dict]) -> RingStep:
+    tired = [m.endpoint for m in step.members if m.endpoint in in_wrapup]
+    if not tired:
+        return step
+    fresh = tuple(m for m in step.members if m.endpoint not in in_wrapup)
+    if not fresh:  # wrap-up is a pause between calls, never a reason to miss one
+        skipped.append({"ring": step.reason, "wrapup_ignored": tired})
+        return step
+    skipped.append({"ring": step.reason, "skipped": "wrapup", "agents": tired})
+    return dataclasses.replace(step, endpoints=tuple(m.endpoint for m in fresh), members=fresh)
 
 
 def _group_step(reason: str, group: Group, route: NumberRoute) -> RingStep:

@@ -110,7 +110,8 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
         rec.step("menu", choice=choice.choice, how=choice.how, attempts=choice.attempts)
         menu_group = menu.options[choice.choice]
 
-    steps, skipped = await routing.plan(app.directory, route, caller, menu_group=menu_group)
+    resting = await app.directory.in_wrapup(app.config.inbound.wrapup_seconds)
+    steps, skipped = await routing.plan(app.directory, route, caller, menu_group=menu_group, in_wrapup=resting)
     for skip in skipped:
         rec.step("skip", **skip)
     rec.group_name = next((st.group.name for st in reversed(steps) if st.group), menu_group or route.group_name)
