@@ -40,15 +40,15 @@ class ScreenPop:
             log.warning("screen pop for %s dropped: %d posts to %s still waiting", delivery, len(self._tasks),
                         self.url)
             return
-        task = asyncio.create_task(self._post(body, delivery), name=f"screen-pop {delivery}")
+        if self._session is None or self._session.closed:  # here, not in the task: two posts, one session
+            self._session = aiohttp.ClientSession()
+        task = asyncio.create_task(self._post(self._session, body, delivery), name=f"screen-pop {delivery}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _post(self, body: dict[str, Any], delivery: str) -> None:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+    async def _post(self, session: aiohttp.ClientSession, body: dict[str, Any], delivery: str) -> None:
         row = {"id": delivery, "kind": "ringing", "url": self.url, "body": body}
-        error = await webhooks.post(self._session, row, self.hooks)
+        error = await webhooks.post(session, row, self.hooks)
         if error is None:
             self.sent += 1
         else:
