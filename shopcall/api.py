@@ -431,7 +431,6 @@ async def delete_callback(request: web.Request) -> web.StreamResponse:
 
 
 CLICK_FIELDS = ("agent", "phone", "ref")
-REF_MAX = 200
 
 
 async def post_call(request: web.Request) -> web.StreamResponse:
@@ -442,21 +441,15 @@ async def post_call(request: web.Request) -> web.StreamResponse:
     for key in ("agent", "phone"):
         if not isinstance(body.get(key), str) or not body[key]:
             raise ApiError(422, f"{key}: required, a string", {"field": key})
-    try:
-        endpoint = check_endpoint(body["agent"])
-    except ValueError as exc:
-        raise ApiError(422, f"agent: {exc}", {"field": "agent"}) from None
-    e164 = to_e164(body["phone"], request.app[CONFIG].shop.country)
-    if e164 is None:
-        raise ApiError(422, f"phone: not a phone number: {body['phone'][:40]!r}", {"field": "phone"})
     ref = body.get("ref")
-    if ref is not None and (not isinstance(ref, str) or len(ref) > REF_MAX):
-        raise ApiError(422, f"ref: a string of at most {REF_MAX} characters, or null", {"field": "ref"})
+    if ref is not None and not isinstance(ref, str):
+        raise ApiError(422, f"ref: a string of at most {callbacks.REF_MAX} characters, or null", {"field": "ref"})
     try:
-        row = await callbacks.click_to_call(request.app[POOL], endpoint, e164, ref=ref)
+        row = await callbacks.click_to_call(request.app[POOL], body["agent"], body["phone"], ref=ref,
+                                            country=request.app[CONFIG].shop.country)
     except callbacks.CallbackError as exc:
         raise ApiError(exc.status, str(exc), {"field": exc.field}) from None
-    log.info("API: click to call %s from %s (request %s)", e164, endpoint, row["id"])
+    log.info("API: click to call %s from %s (request %s)", row["phone"], row["agent_wanted"], row["id"])
     return _json(row, status=202)
 
 
@@ -682,7 +675,7 @@ OPENAPI: dict[str, Any] = {
                     "agent": {"type": "string", "minLength": 1, "description": "the agent's endpoint"},
                     "phone": {"type": "string", "minLength": 1,
                               "description": "E.164 or a number as dialled in the shop's country"},
-                    "ref": {"type": ["string", "null"], "maxLength": REF_MAX,
+                    "ref": {"type": ["string", "null"], "maxLength": callbacks.REF_MAX,
                             "description": "the CRM's own id for this call"}}}}}},
             "responses": {"202": _ok("the request", {"type": "object"}),
                           "400": _err("body not JSON, or a query parameter"),

@@ -30,9 +30,10 @@ from typing import Any, Protocol
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from shopcall.call import PbxError, check_number, presentable
+from shopcall.call import PbxError, check_endpoint, check_number, presentable
 from shopcall.config import Config
 from shopcall.dialler import DialOutcome, OutcomeUnknown
+from shopcall.phone import to_e164
 from shopcall.screen_pop import ScreenPop
 
 log = logging.getLogger("shopcall.callbacks")
@@ -41,6 +42,7 @@ RING_GRACE_SECONDS = 60  # after the agent's ring time, an Originate has surely 
 CHANNEL = "shopcall_callbacks"  # NOTIFYed by a click to call: the workers offer it at once
 CLICK_TO_CALL = "click_to_call"  # the reason of a request the CRM created: tried once
 AGENT_LOCK = 72616003  # advisory lock class: one decision about an agent at a time
+REF_MAX = 200  # the CRM's own id for a click to call (sql/010's CHECK)
 
 
 class AgentPhones(Protocol):
@@ -177,12 +179,22 @@ _AGENT_TAKEN = """SELECT id FROM callback_requests
                      OR (status = 'pending' AND agent_wanted = %(agent)s) LIMIT 1"""
 
 
-async def click_to_call(pool: AsyncConnectionPool, endpoint: str, phone: str, *, ref: str | None = None
-                        ) -> dict[str, Any]:
+async def click_to_call(pool: AsyncConnectionPool, endpoint: str, phone: str, *, ref: str | None = None,
+                        country: str = "RU") -> dict[str, Any]:
     """The CRM asks for a call: `endpoint`'s phone rings as soon as it is free (within
-    callbacks.click_wait_seconds), then `phone` (E.164) is dialled. A pending callback request for the
-    number is taken over (done if the customer answers). Returns the request as the API shows it;
-    CallbackError when the agent is unknown or busy with another, or the number is being called."""
+    callbacks.click_wait_seconds), then `phone` (E.164, or as dialled in `country`) is dialled. A pending
+    callback request for the number is taken over (done if the customer answers). Returns the request as
+    the API shows it; CallbackError when the agent, number or ref is not one (422), the agent is unknown
+    (404) or busy with another request, or the number is being called (409)."""
+    try:
+        endpoint = check_endpoint(endpoint)
+    except ValueError as exc:
+        raise CallbackError(422, f"agent: {exc}", "agent") from None
+    raw, phone = phone, to_e164(phone, country) or ""
+    if not phone:
+        raise CallbackError(422, f"phone: not a phone number: {raw[:40]!r}", "phone")
+    if ref is not None and len(ref) > REF_MAX:
+        raise CallbackError(422, f"ref: at most {REF_MAX} characters", "ref")
     try:
         async with pool.connection() as conn, conn.transaction():
             if await (await conn.execute("SELECT 1 FROM employees WHERE endpoint = %s", (endpoint,))).fetchone() is None:
@@ -347,14 +359,11 @@ async def reconcile(pool: AsyncConnectionPool, config: Config, *, ring_grace: fl
             {"max": config.callbacks.max_attempts, "ring": ring, "talk": talk})).fetchall()
         # a click to call whose agent stayed busy: the CRM's own fails, a taken-over callback is queued again
         waited = await (await conn.execute(
-            f"""UPDATE callback_requests SET
-                 status = CASE WHEN reason = '{CLICK_TO_CALL}' THEN 'failed' ELSE status END,
-                 done_at = CASE WHEN reason = '{CLICK_TO_CALL}' THEN now() END,
-                 agent_wanted = CASE WHEN reason = '{CLICK_TO_CALL}' THEN agent_wanted END,
-                 last_result = 'agent_not_free'
+            f"""UPDATE callback_requests SET {_GIVE_BACK}, last_result = 'agent_not_free'
                WHERE status = 'pending' AND agent_wanted IS NOT NULL
-                 AND wanted_at < now() - make_interval(secs => %s)
-               RETURNING id""", (config.callbacks.click_wait_seconds,))).fetchall()
+                 AND wanted_at < now() - make_interval(secs => %(wait)s)
+               RETURNING id""", {"max": config.callbacks.max_attempts,
+                                 "wait": config.callbacks.click_wait_seconds})).fetchall()
     if waited:
         log.warning("click to call given up, the agent's phone stayed busy: %s", [r["id"] for r in waited])
     ids = [r["id"] for r in rows]

@@ -252,7 +252,7 @@ async def _run(args: argparse.Namespace, config) -> int:
 
 async def _block(config, args: argparse.Namespace) -> int:
     from shopcall import blocklist, db
-    from shopcall.phone import to_e164
+    from shopcall.phone import cli_phone
 
     url = await db.resolve_url(config.database.url, config.pgdata)
     async with db.open_pool(url, min_size=1, max_size=1) as pool, pool.connection() as conn:
@@ -261,9 +261,8 @@ async def _block(config, args: argparse.Namespace) -> int:
                 until = f"until {r['until']:%Y-%m-%d %H:%M}" if r["until"] else "until removed"
                 print(f"{r['phone']:16} {until:22} {r['source']:4} {r['reason']}")
             return 0
-        e164 = to_e164(args.phone or "", config.shop.country)
+        e164 = cli_phone(args.phone, config.shop.country, f"block {args.action}")
         if e164 is None:
-            print(f"shopcall: block {args.action} needs a phone number (got {args.phone!r})", file=sys.stderr)
             return 2
         if args.action == "remove":
             if not await blocklist.unblock(conn, e164):
@@ -285,13 +284,12 @@ async def _calls_csv(config, args: argparse.Namespace) -> int:
     from zoneinfo import ZoneInfo
 
     from shopcall import db, history, stats
-    from shopcall.phone import to_e164
+    from shopcall.phone import cli_phone
 
     phone = None
     if args.phone is not None:
-        phone = to_e164(args.phone, config.shop.country)
+        phone = cli_phone(args.phone, config.shop.country, "calls --phone")
         if phone is None:
-            print(f"shopcall: calls: not a phone number: {args.phone!r}", file=sys.stderr)
             return 2
     start = end = None
     if args.first or args.last or phone is None:
@@ -310,27 +308,17 @@ async def _calls_csv(config, args: argparse.Namespace) -> int:
 
 async def _click_to_call(config, args: argparse.Namespace) -> int:
     from shopcall import callbacks, db
-    from shopcall.call import check_endpoint
-    from shopcall.phone import to_e164
 
-    e164 = to_e164(args.phone, config.shop.country)
-    if e164 is None:
-        print(f"shopcall: call: not a phone number: {args.phone!r}", file=sys.stderr)
-        return 2
-    try:
-        endpoint = check_endpoint(args.agent)
-    except ValueError as exc:
-        print(f"shopcall: call: {exc}", file=sys.stderr)
-        return 2
     url = await db.resolve_url(config.database.url, config.pgdata)
     async with db.open_pool(url, min_size=1, max_size=1) as pool:
         try:
-            row = await callbacks.click_to_call(pool, endpoint, e164, ref=args.ref)
+            row = await callbacks.click_to_call(pool, args.agent, args.phone, ref=args.ref,
+                                                country=config.shop.country)
         except callbacks.CallbackError as exc:
             print(f"shopcall: call: {exc}", file=sys.stderr)
-            return 1
-    print(f"request {row['id']}: {endpoint}'s phone rings when free (within "
-          f"{config.callbacks.click_wait_seconds} s), then {e164} is dialled")
+            return 2 if exc.status == 422 else 1
+    print(f"request {row['id']}: {row['agent_wanted']}'s phone rings when free (within "
+          f"{config.callbacks.click_wait_seconds} s), then {row['phone']} is dialled")
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from psycopg_pool import AsyncConnectionPool
 
 from shopcall import contacts_import, events
-from shopcall.phone import to_e164
+from shopcall.phone import cli_phone
 
 
 async def import_file(pool: AsyncConnectionPool, path: Path, region: str) -> int:
@@ -30,9 +30,8 @@ async def dnc(pool: AsyncConnectionPool, action: str, phone: str | None, region:
             for r in rows:
                 print(f"{r['phone']:16} {r['source']:8} {r['created_at']:%Y-%m-%d %H:%M}")
             return 0
-        e164 = to_e164(phone or "", region)
+        e164 = cli_phone(phone, region, f"dnc {action}")
         if e164 is None:
-            print(f"shopcall: dnc {action} needs a phone number (got {phone!r})", file=sys.stderr)
             return 2
         await events.set_do_not_call(conn, e164, action == "add", source="cli")
     print(f"{e164}: {'on' if action == 'add' else 'off'} the do-not-call list")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 
 import phonenumbers
@@ -49,6 +50,14 @@ def is_mobile(e164: str) -> bool:
     except phonenumbers.NumberParseException:
         return False
     return kind in (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE)
+
+
+def cli_phone(raw: str | None, region: str, what: str) -> str | None:
+    """A command's phone argument as E.164; None, after saying so on stderr, when it is not one."""
+    e164 = to_e164(raw or "", region)
+    if e164 is None:
+        print(f"shopcall: {what} needs a phone number (got {raw!r})", file=sys.stderr)
+    return e164
 
 
 def require_e164(raw: str, region: str = "RU") -> str:

@@ -13,6 +13,7 @@ from shopcall import db
 from shopcall.app import App
 from shopcall.config import Config
 from shopcall.flows import load_all
+from shopcall.screen_pop import ScreenPop
 
 log = logging.getLogger("shopcall.serve")
 
@@ -94,7 +95,7 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
             name="group-cache"))
     pbx = callback_pbx(config, parts)
     if pbx:  # callback requests are offered to agents of the PBX whose calls this process serves
-        background.append(asyncio.create_task(serve_callbacks(pool, config, pbx, url), name="callback-worker"))
+        background.append(asyncio.create_task(serve_callbacks(pool, config, pbx, url, app.screen_pop), name="callback-worker"))
     if "esl" in parts and config.freeswitch.report_fallback:
         from esl.hangup_report import FLOW, serve_fallback_reports
 
@@ -150,12 +151,12 @@ def callback_pbx(config: Config, parts: list[str] | tuple[str, ...]) -> str | No
     return "asterisk" if "agi" in parts else None  # which says, once, that asterisk.ami_secret is empty
 
 
-async def serve_callbacks(pool, config: Config, pbx: str, url: str) -> None:
+async def serve_callbacks(pool, config: Config, pbx: str, url: str, pop: ScreenPop | None = None) -> None:
     """The callback worker (shopcall/callbacks.py) with the agents' PBX: Asterisk through AMI (needs
-    asterisk.ami_secret), FreeSWITCH through its inbound event socket. A click to call wakes it (NOTIFY)."""
+    asterisk.ami_secret), FreeSWITCH through its inbound event socket. A click to call wakes it (NOTIFY);
+    `pop` (the process's screen pop, webhooks.ringing_url) tells the CRM whose phone it rings."""
     from shopcall import callbacks
     from shopcall.notify import wake_on
-    from shopcall.screen_pop import ScreenPop
 
     if not config.callbacks.enabled:
         log.info("callback worker off (callbacks.enabled = false)")
@@ -180,14 +181,11 @@ async def serve_callbacks(pool, config: Config, pbx: str, url: str) -> None:
     listener = asyncio.create_task(wake_on(url, callbacks.CHANNEL, wake, purpose="callback worker",
                                            connect_timeout=config.database.connect_timeout),
                                    name="callback-wake")
-    pop = ScreenPop(config.webhooks) if config.webhooks.ringing_url else None  # the CRM opens the card
     try:
         await callbacks.run_forever(pool, config, phones, wake, pop)
     finally:
         listener.cancel()
         await link.close()
-        if pop is not None:
-            await pop.close()
 
 
 async def serve_dialler(pool, config: Config) -> None:

@@ -24,8 +24,10 @@ async def test_nothing_stuck_no_problems(conn, tmp_path):
     await load(conn, read(DIRECTORY))
     await conn.execute("UPDATE employees SET logged_in = (endpoint <> 'agent4'), paused = (endpoint = 'agent3')")
     # fresh rows are not stuck: a webhook that failed once a minute ago, a callback just due
-    await conn.execute("""INSERT INTO webhook_outbox (kind, url, body, attempts, last_error)
-                          VALUES ('call', 'http://crm.example/calls', '{}', 1, 'HTTP 502')""")
+    # not due before the test ends: a webhook sender of another test's live stack (the session-scoped e2e
+    # inbound one posts kind 'call') must not claim it meanwhile
+    await conn.execute("""INSERT INTO webhook_outbox (kind, url, body, attempts, last_error, next_try_at)
+                          VALUES ('call', 'http://crm.example/calls', '{}', 1, 'HTTP 502', now() + interval '1 hour')""")
     await conn.execute("INSERT INTO callback_requests (phone, reason) VALUES ('+79161234567', 'no_answer')")
     report = await status.collect(conn, cfg(tmp_path))
     assert report["problems"] == []
@@ -38,9 +40,9 @@ async def test_nothing_stuck_no_problems(conn, tmp_path):
 
 
 async def test_each_stuck_thing_is_named(conn, tmp_path):
-    await conn.execute("""INSERT INTO webhook_outbox (kind, url, body, attempts, last_error, created_at)
+    await conn.execute("""INSERT INTO webhook_outbox (kind, url, body, attempts, last_error, created_at, next_try_at)
                           VALUES ('result', 'http://shop.example/results', '{}', 7, 'HTTP 500: boom',
-                                  now() - interval '2 hours')""")
+                                  now() - interval '2 hours', now() + interval '1 hour')""")
     await conn.execute("""INSERT INTO outbox (to_addr, subject, body, attempts, last_error, created_at)
                           VALUES ('a@example.test', 's', 'b', 3, 'connection refused', now() - interval '1 hour')""")
     await conn.execute("INSERT INTO outbox (to_addr, subject, body, status) VALUES ('b@example.test', 's', 'b', 'failed')")
