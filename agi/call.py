@@ -36,6 +36,10 @@ _DIALSTATUS = {
 _DIAL_OUTCOME = quote("${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}")
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.+:@-]*\Z")
+_DEVICE = re.compile(r"[A-Za-z0-9_./@+:-]+\Z")  # nothing that ends DEVICE_STATE's argument or the list
+# device states of a phone that is talking (its own call, one on hold, a second one ringing on top):
+# app_queue's ringinuse = no skips the same ones, but not RINGING, so two callers can ring one free agent
+IN_USE_STATES = frozenset({"INUSE", "BUSY", "ONHOLD", "RINGINUSE"})
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9_./+-]+\Z")  # nothing Playback splits on (&, ",") or quoting changes
 # Q.850 causes for the few ways a flow ends a call
 _CAUSES = {"normal": 16, "busy": 17, "noanswer": 19, "rejected": 21, "congestion": 34}
@@ -139,6 +143,20 @@ class AgiCall(Call):
             if result.status in (DialStatus.ANSWERED, DialStatus.CALLER_GONE):
                 break
         return result
+
+    async def busy(self, names: list[str]) -> frozenset[str]:
+        """Every device's state in one GET FULL VARIABLE (states hold no comma)."""
+        devices = {n: self.endpoint_template.format(endpoint=n) for n in names}
+        asked = [n for n, d in devices.items() if _DEVICE.match(d)]
+        if not asked:
+            return frozenset()
+        reply = await self._send("GET FULL VARIABLE",
+                                 quote(",".join(f"${{DEVICE_STATE({devices[n]})}}" for n in asked)))
+        states = (reply.data or "").split(",") if reply.result == "1" else []
+        if len(states) != len(asked):
+            log.warning("%s: DEVICE_STATE of %s: unexpected answer %r", self.info.uniqueid, asked, reply.data)
+            return frozenset()
+        return frozenset(n for n, state in zip(asked, states, strict=True) if state in IN_USE_STATES)
 
     async def dial_number(self, number: str, *, timeout: int = 30) -> DialResult:
         return await self._dial_once([], timeout, target=self.trunk_template.format(number=check_number(number)))

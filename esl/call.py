@@ -37,6 +37,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from esl import protocol
+from esl.channels import channels, talking
 from esl.modules import Modules
 from esl.protocol import Event
 from esl.session import OutboundSession
@@ -278,6 +279,12 @@ class EslCall(Call):
             await self._ensure("call_timeout", str(int(timeout) * len(names)))
             target = "|".join(self._leg(u, n, leg_timeout=int(timeout)) for u, n in legs.items())
         return await self._bridge(target, legs, ring_seconds=timeout * len(names))
+
+    async def busy(self, names: list[str]) -> frozenset[str]:
+        """One `show channels as json` on this call's own socket: which of them has an answered channel."""
+        if self.session.hung_up:
+            raise CallEnded("caller hung up")
+        return talking(channels(await self.session.api("show channels as json")), names)
 
     async def dial_number(self, number: str, *, timeout: int = 30) -> DialResult:
         await self._prepare_bridge()

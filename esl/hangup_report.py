@@ -78,6 +78,9 @@ class HungUpCall(Call):
     async def ring(self, names, *, strategy, timeout, caller_name) -> DialResult:
         return await self._gone()
 
+    async def busy(self, names: list[str]) -> frozenset[str]:
+        return await self._gone()
+
     async def record(self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5,
                      beep: bool = True) -> RecordResult:
         return await self._gone()

@@ -174,6 +174,16 @@ class Call(abc.ABC):
     ) -> DialResult:
         """Ring validated endpoint names (at least one) with the strategy; the PBX's part of `dial`."""
 
+    async def on_a_call(self, endpoints: Sequence[str]) -> frozenset[str]:
+        """Which of our endpoints are on a call now, by the PBX's own account (a group's skip_busy). The
+        names are checked here as for `dial`; a PBX that cannot say answers none, so everyone still rings."""
+        names = [check_endpoint(e) for e in endpoints]
+        return await self.busy(names) if names else frozenset()
+
+    @abc.abstractmethod
+    async def busy(self, names: list[str]) -> frozenset[str]:
+        """The validated names (at least one) whose phone is on a call: the PBX's part of `on_a_call`."""
+
     async def dial_number(self, number: str, *, timeout: int = 30) -> DialResult:
         """Dial an outside number (E.164 or digits) through the PBX's trunk and bridge it to this call;
         how the trunk is reached (the dial string) is the adapter's business, not the flow's."""

@@ -36,6 +36,7 @@ class Group:
     members: tuple[Member, ...]  # available ones (logged in, not paused), in ring order
     survey: bool = False
     recording_policy: str | None = None
+    skip_busy: bool = False  # agents on a call are not rung (the PBX is asked at ring time)
 
     @property
     def dial_strategy(self) -> DialStrategy:
@@ -313,7 +314,7 @@ class Directory:
                 members = members[start:] + members[:start]
                 await conn.execute("UPDATE groups SET rr_position = rr_position + 1 WHERE id = %s", (g["id"],))
         return Group(g["id"], g["name"], g["strategy"], g["ring_timeout"], tuple(members), g["survey_enabled"],
-                     g["recording_policy"])
+                     g["recording_policy"], g["skip_busy"])
 
     async def employee_by_endpoint(self, endpoint: str) -> int | None:
         async with self.pool.connection() as conn:

@@ -43,6 +43,13 @@ def _need(entry: Mapping[str, Any], key: str, where: str) -> Any:
     return entry[key]
 
 
+def _flag(entry: Mapping[str, Any], key: str, where: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):  # bool("false") is True: a quoted value must not turn a switch on
+        raise DirectoryError(f"{where}: {key!r} must be true or false, not {value!r}")
+    return value
+
+
 async def load(conn: psycopg.AsyncConnection, data: Mapping[str, list[dict[str, Any]]]) -> dict[str, int]:
     counts: dict[str, int] = {}
     async with conn.transaction():
@@ -99,14 +106,15 @@ async def load(conn: psycopg.AsyncConnection, data: Mapping[str, list[dict[str, 
         for i, g in enumerate(data.get("groups", [])):
             where = f"groups[{i}]"
             cur = await conn.execute(
-                """INSERT INTO groups (name, title, strategy, ring_timeout, category, survey_enabled)
-                   VALUES (%s, %s, %s, %s, %s, %s)
+                """INSERT INTO groups (name, title, strategy, ring_timeout, category, survey_enabled, skip_busy)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (name) DO UPDATE SET title = EXCLUDED.title, strategy = EXCLUDED.strategy,
                      ring_timeout = EXCLUDED.ring_timeout, category = EXCLUDED.category,
-                     survey_enabled = EXCLUDED.survey_enabled
+                     survey_enabled = EXCLUDED.survey_enabled, skip_busy = EXCLUDED.skip_busy
                    RETURNING id""",
                 (_need(g, "name", where), g.get("title", ""), g.get("strategy", "ringall"),
-                 int(g.get("ring_timeout", 20)), g.get("category"), bool(g.get("survey", False))),
+                 int(g.get("ring_timeout", 20)), g.get("category"), bool(g.get("survey", False)),
+                 _flag(g, "skip_busy", where)),
             )
             gid = (await cur.fetchone())["id"]
             await conn.execute("DELETE FROM group_members WHERE group_id = %s", (gid,))

@@ -19,6 +19,7 @@ class RingStep:
     timeout: int
     group: Group | None = None
     members: tuple[Member, ...] = ()
+    skip_busy: bool = False  # ask the PBX who is on a call, just before ringing, and leave them out
 
 
 async def plan(
@@ -47,8 +48,9 @@ async def plan(
             # they chose a department: their manager is rung first only if they work in it
             skipped.append({"ring": "sticky", "skipped": "not_in_chosen_group", "manager": manager.endpoint})
         else:
+            # the manager is skipped when busy if the department the call goes to next skips its busy agents
             steps.append(RingStep("sticky", manager.endpoint, (manager.endpoint,), DialStrategy.RINGALL,
-                                  route.sticky_seconds, None, (manager,)))
+                                  route.sticky_seconds, None, (manager,), bool(main and main.skip_busy)))
 
     if route.by_last_category and not menu_group and caller.last_category_group:
         if caller.last_category_group != main_name:
@@ -82,7 +84,7 @@ def _rested(step: RingStep, in_wrapup: frozenset[str], skipped: list[dict]) -> R
         skipped.append({"ring": step.reason, "wrapup_ignored": tired})
         return step
     skipped.append({"ring": step.reason, "skipped": "wrapup", "agents": tired})
-    return dataclasses.replace(step, endpoints=tuple(m.endpoint for m in fresh), members=fresh)
+    return without(step, frozenset(tired))
 
 
 def _group_step(reason: str, group: Group, route: NumberRoute) -> RingStep:
@@ -90,4 +92,11 @@ def _group_step(reason: str, group: Group, route: NumberRoute) -> RingStep:
     if route.overflow_robot and route.overflow_seconds:
         timeout = min(timeout, route.overflow_seconds)  # the robot takes over sooner
     return RingStep(reason, group.name, tuple(m.endpoint for m in group.members), group.dial_strategy,
-                    timeout, group, group.members)
+                    timeout, group, group.members, group.skip_busy)
+
+
+def without(step: RingStep, endpoints: frozenset[str]) -> RingStep:
+    """The step less these agents (on a call, in wrap-up)."""
+    members = tuple(m for m in step.members if m.endpoint not in endpoints)
+    return dataclasses.replace(step, endpoints=tuple(e for e in step.endpoints if e not in endpoints),
+                               members=members)

@@ -57,6 +57,16 @@ def _captured() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 
 CONNECT_TEMPLATE, EVENT_TEMPLATE = _captured()
+
+
+def _captured_channel() -> dict:
+    """A row of the captured `show channels as json` (the second listing: two loopback legs, ACTIVE)."""
+    bodies = [m.reply_text for m in Parser().feed(b"".join(received("inbound_bgapi_and_failures")))
+              if m.content_type == "api/response" and m.reply_text.startswith('{"row_count":2')]
+    return json.loads(bodies[0])["rows"][1]
+
+
+CHANNEL_TEMPLATE = _captured_channel()
 # what a vanilla modules.conf.xml loads among the modules we ask about (mod_say_ru and mod_avmd are not)
 VANILLA_MODULES = frozenset({"mod_commands", "mod_dptools", "mod_sndfile", "mod_say_en", "mod_event_socket"})
 # applications of optional modules: FreeSWITCH hangs the channel up (DESTINATION_OUT_OF_ORDER) when told
@@ -75,6 +85,8 @@ class Caller:
     hang_up_on: str | None = None  # the first application of this name finds the caller hanging up
     busy: bool = False  # nobody answers because every agent is busy (USER_BUSY)
     machine: bool = False  # a voicemail answered: its greeting ends in a beep that mod_avmd hears
+    on_a_call: set[str] = field(default_factory=set)  # agents with an answered call (show channels)
+    ringing: set[str] = field(default_factory=set)  # agents whose phone rings for someone else
 
 
 @dataclass
@@ -271,9 +283,23 @@ class FsPeer:
             if words[2] == "caller_id_name":
                 return self.name or "_undef_"
             return self.vars.get(words[2], "_undef_")  # raw UTF-8, no trailing newline (captured)
+        if rest == "show channels as json":
+            return self.show_channels()
         if words[0] == "module_exists" and len(words) == 2:
             return "true" if words[1] in self.modules else "false"  # no newline (mod_commands)
         return f"-ERR {words[0]} Command not found!\n"
+
+    def show_channels(self) -> str:
+        """This call's channel and a leg of every agent on a call or ringing, as FreeSWITCH lists them:
+        a user rung through the directory carries presence_id USER@DOMAIN, a phone's own call its contact."""
+        rows = [{**CHANNEL_TEMPLATE, "uuid": self.uuid, "name": self.channel_name, "cid_num": self.number,
+                 "callstate": "ACTIVE"}]
+        for n, agent in enumerate(sorted(self.caller.on_a_call | self.caller.ringing)):
+            state = "ACTIVE" if agent in self.caller.on_a_call else "RINGING"
+            rows.append({**CHANNEL_TEMPLATE, "uuid": str(uuidlib.uuid4()), "direction": "outbound",
+                         "name": f"sofia/internal/sip:{agent}@192.0.2.{20 + n}:5060",
+                         "presence_id": f"{agent}@192.0.2.2", "callstate": state, "application": ""})
+        return json.dumps({"row_count": len(rows), "rows": rows}, separators=(",", ":"))
 
     async def _sendmsg(self, headers: dict[str, str]) -> None:
         command = headers.get("call-command")

@@ -41,6 +41,7 @@ class ScriptedCall(Call):
         dial: Sequence[DialResult] = (),
         hang_up_on: str | None = None,
         message_seconds: float = 0.0,
+        on_a_call: Sequence[set[str]] = (),
     ) -> None:
         super().__init__(info, PromptNames())
         self.keys = list(keys)
@@ -48,6 +49,7 @@ class ScriptedCall(Call):
         self.dial_results = list(dial)
         self.hang_up_on = hang_up_on  # the first verb of this name finds the caller gone
         self.message_seconds = message_seconds  # what the caller says when recorded (a 440 Hz tone)
+        self.on_a_call_now = list(on_a_call)  # per question of a skip_busy step: who is talking
         self.actions: list[tuple] = []
         self.vars: dict[str, str] = {}
 
@@ -83,6 +85,11 @@ class ScriptedCall(Call):
         if caller_name is not None:
             self.vars["CALLERID(name)"] = caller_name
         return self.dial_results.pop(0) if self.dial_results else DialResult(DialStatus.NOANSWER)
+
+    async def busy(self, names: list[str]) -> frozenset[str]:
+        self._do("busy", list(names))
+        talking = self.on_a_call_now.pop(0) if self.on_a_call_now else set()
+        return frozenset(n for n in names if n in talking)
 
     async def record(self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5,
                      beep: bool = True) -> RecordResult:

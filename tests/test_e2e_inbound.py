@@ -395,6 +395,26 @@ async def test_customer_rings_their_manager_first_then_what_they_bought_last(sta
     assert manager["endpoint"] == "agent3"  # who talked to her last is her manager now
 
 
+async def test_a_skip_busy_group_passes_over_the_agent_already_talking(stack, db, agents):
+    a = await agents(agent2=dict(answer_after=0.3, hangup_after=8.0), agent3=dict(answer_after=0.5, hangup_after=1.0))
+    # agent2, first in the hunt group, answers one call and is still talking when the second arrives
+    first = asyncio.create_task(place_call("410", pbx=stack["sip"], work_dir=stack["work"]))
+    assert await a["agent2"].wait_for("ANSWERED", timeout=20) == 1, explain(stack, *a.values())
+    second = await place_call("410", from_user="79165550009", pbx=stack["sip"], work_dir=stack["work"])
+    assert second.answered, explain(stack, *a.values()) + second.log_tail
+    assert a["agent2"].invites_received() == 1  # Asterisk's DEVICE_STATE said INUSE: not rung again
+    assert a["agent3"].answered() == 1
+    assert (await first).answered
+    rows = wait_row(db, 2)
+    by_caller = {r["caller_e164"]: r for r in rows}
+    assert by_caller["+79161234567"]["agent"] == "agent2"
+    row = by_caller["+79165550009"]
+    assert (row["outcome"], row["agent"], row["group_name"]) == ("answered", "agent3", "desk"), explain(stack)
+    skips = [(s["skipped"], s["agents"]) for s in row["route_log"] if s["step"] == "skip"]
+    assert skips == [("busy", ["agent2"])]
+    assert [s["endpoints"] for s in row["route_log"] if s["step"] == "ring"] == [["agent3"]]
+
+
 async def test_overflow_robot_tells_the_order_status(stack, db, agents):
     a = await agents(agent1=dict(answer_after=None))
     # the robot's menu starts after greeting + "connecting" + 3 s of ringing: press 1 a few times around it

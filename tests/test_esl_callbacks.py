@@ -13,7 +13,8 @@ import dataclasses
 
 import pytest
 
-from esl.agent_phones import FreeswitchAgentPhones, belongs, channels
+from esl.agent_phones import FreeswitchAgentPhones
+from esl.channels import belongs, channels
 from esl.client import EslClient
 from esl.protocol import Parser
 from esl.routes import esl_routes

@@ -46,6 +46,8 @@ class Scenario:
     greeting_key: str | None = None
     answers: list[tuple[str | None, float]] = field(default_factory=list)  # per dial: who answers, talk s
     hang_up_on: str | None = None  # "collect" (in the menu), "stream" (during a prompt), "dial" (ringing)
+    on_a_call: set[str] = field(default_factory=set)  # agents talking on another call (a skip_busy group)
+    ringing: set[str] = field(default_factory=set)  # agents whose phone rings for another caller
 
 
 @dataclass
@@ -70,7 +72,7 @@ async def run_scripted(app: App, s: Scenario) -> Outcome:
     if s.hang_up_on == "dial":
         results = [DialResult(DialStatus.CALLER_GONE, detail="CANCEL")]
     call = ScriptedCall(info, keys=s.keys, greeting_key=s.greeting_key, dial=results,
-                        hang_up_on=s.hang_up_on if s.hang_up_on != "dial" else None)
+                        hang_up_on=s.hang_up_on if s.hang_up_on != "dial" else None, on_a_call=[s.on_a_call] * 5)
     await _run(call, app)
     dials = [(a[1], a[2], a[3]) for a in call.actions if a[0] == "dial"]
     languages = {call.language}  # the scripted call names prompts without their language folder
@@ -88,7 +90,7 @@ PEER_APPS = {"collect": "play_and_get_digits", "stream": "playback", "dial": "br
 async def run_freeswitch(app: App, s: Scenario) -> Outcome:
     caller = Caller(keys=list(s.keys), greeting_key=s.greeting_key, answers=[who for who, _ in s.answers],
                     talk_seconds=s.answers[0][1] if s.answers else 0.0,
-                    hang_up_on=PEER_APPS.get(s.hang_up_on or ""))
+                    hang_up_on=PEER_APPS.get(s.hang_up_on or ""), on_a_call=s.on_a_call, ringing=s.ringing)
     peer = await call_once(esl_routes(app, {"inbound": inbound}), caller, number=s.caller, name=s.name,
                            destination=s.number)
     prompts = [arg if app_ == "playback" else arg.split(" ")[5] for app_, arg in peer.apps
@@ -137,6 +139,9 @@ class AgiPeer:
                 f"agi_channel: PJSIP/trunk-00000001\nagi_language: ru\nagi_uniqueid: {self.uid}\n"
                 f"agi_callerid: {self.s.caller}\nagi_calleridname: {name}\nagi_extension: s\n\n").encode()
 
+    def device_state(self, m: re.Match) -> str:
+        return "INUSE" if m[1] in self.s.on_a_call else "RINGING" if m[1] in self.s.ringing else "NOT_INUSE"
+
     async def run(self) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         writer.write(self.env())
@@ -183,7 +188,8 @@ class AgiPeer:
             value = self.vars.get(args[2])
             return f"200 result=1 ({value})\n" if value is not None else "200 result=0\n"
         if line.startswith("GET FULL VARIABLE"):  # an expression: ${NAME}s substituted, unset ones empty
-            value = re.sub(r"\$\{(\w+)\}", lambda m: self.vars.get(m[1], ""), args[3])
+            value = re.sub(r"\$\{DEVICE_STATE\(PJSIP/(\w+)\)\}", self.device_state, args[3])
+            value = re.sub(r"\$\{(\w+)\}", lambda m: self.vars.get(m[1], ""), value)
             return f"200 result=1 ({value})\n"
         if verb == ["EXEC", "Dial"]:
             self.dials.append(args[2])
@@ -401,6 +407,39 @@ async def test_hunt_group_rings_one_after_another(place, pbx, conn):
     row = await call_row(conn, out.uid)
     assert row["outcome"] == "missed_no_answer"  # and the caller heard it: the channel survived
     assert out.played[-1] == "nobody_answered"
+
+
+async def test_a_skip_busy_group_leaves_out_the_agent_on_a_call(place, pbx, conn):
+    await conn.execute("UPDATE groups SET skip_busy = true WHERE name = 'delivery'")
+    # agent2 talks on another call; agent3's phone only rings for another caller: free, so rung
+    out = await place(Scenario(keys=["2"], answers=[("agent3", 5)], on_a_call={"agent2"}, ringing={"agent3"}))
+    assert out.dials == [(["agent3"], "ringall", 6)]
+    row = await call_row(conn, out.uid)
+    assert (row["outcome"], row["agent"]) == ("answered", "agent3")
+    skips = [s for s in row["route_log"] if s["step"] == "skip"]
+    assert [(s["ring"], s["skipped"], s["agents"]) for s in skips] == [("menu", "busy", ["agent2"])]
+    if pbx == "freeswitch":  # asked over the call's own socket, once
+        assert out.peer.commands.count("api show channels as json") == 1
+
+
+async def test_a_skip_busy_group_all_on_calls_is_a_missed_call_without_ringing(place, conn):
+    await conn.execute("UPDATE groups SET skip_busy = true WHERE name = 'delivery'")
+    out = await place(Scenario(keys=["2"], on_a_call={"agent2", "agent3"}))
+    assert out.dials == []
+    assert "connecting" not in out.played and out.played[-1] == "nobody_answered"
+    row = await call_row(conn, out.uid)
+    assert (row["outcome"], row["missed"]) == ("missed_no_answer", True)
+    assert {"step": "dial", "status": "nobody_available"}.items() <= next(
+        s for s in row["route_log"] if s["step"] == "dial").items()
+    [cb] = await callbacks(conn)
+    assert cb["reason"] == "no_answer"
+
+
+async def test_a_group_that_rings_busy_agents_does_not_ask_the_pbx(place, pbx, conn):
+    out = await place(Scenario(keys=["2"], answers=[("agent2", 5)], on_a_call={"agent2"}))
+    assert out.dials == [(["agent2", "agent3"], "ringall", 6)]  # call waiting is the PBX's business
+    if pbx == "freeswitch":
+        assert not [c for c in out.peer.commands if c.startswith("api show")]
 
 
 # -- what only the FreeSWITCH side shows -------------------------------------------------------------------

@@ -120,10 +120,16 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
     if route.category_title:
         shown = f"[{presentable(route.category_title)}] {shown}".strip()
     result = None
-    if steps:
-        await call.play("connecting")
+    rang = False
     recording_to: Path | None = None
     for step in steps:
+        if step.skip_busy:
+            step = await _free_agents(call, step, rec)
+            if step is None:
+                continue
+        if not rang:
+            rang = True
+            await call.play("connecting")
         rec.step("ring", reason=step.reason, target=step.label, endpoints=list(step.endpoints),
                  strategy=str(step.strategy), timeout=step.timeout)
         group_policy = step.group.recording_policy if step.group else None
@@ -155,7 +161,7 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
         if result.status == DialStatus.CALLER_GONE:
             rec.outcome, rec.callback_reason = "abandoned", "abandoned"
             raise CallEnded("caller hung up while the group rang")
-    if not steps:
+    if not rang:
         rec.step("dial", status="nobody_available")
 
     rec.outcome, rec.callback_reason = "missed_no_answer", "no_answer"
@@ -168,6 +174,23 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
         if app.config.voicemail.on_no_answer:
             await _voicemail(call, app, rec, route)
     await _finish(call, rec)
+
+
+async def _free_agents(call: Call, step: routing.RingStep, rec: CallRecord) -> routing.RingStep | None:
+    """The step without its agents who are on a call (asked just before it rings, so a sticky step's
+    seconds are not stale); None when nobody in it is free. A PBX that cannot tell rings them all."""
+    try:
+        talking = await call.on_a_call(step.endpoints)
+    except CallEnded:
+        raise
+    except Exception as exc:  # busy agents are a nicety: ringing them beats dropping the call
+        log.warning("%s: could not ask who is on a call (%s): ringing everyone", call.info.uniqueid, exc)
+        return step
+    if not talking:
+        return step
+    rec.step("skip", ring=step.reason, skipped="busy", agents=sorted(talking))
+    free = routing.without(step, talking)
+    return free if free.endpoints else None
 
 
 def _ringing_body(rec: CallRecord, route, caller, step: routing.RingStep, shown: str) -> dict:
