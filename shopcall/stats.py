@@ -66,6 +66,36 @@ QUERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
           FROM calls c JOIN employees e ON e.id = c.answered_by
          WHERE c.started_at >= %(start)s AND c.started_at < %(end)s AND c.outcome = 'answered'
          GROUP BY e.endpoint, e.name ORDER BY 1"""),
+    # every ring step of an inbound call against the dial that ended it (the nth ring of a route log is
+    # ended by its nth dial): a step nobody answered counts for each agent it rang, a hunt someone answered
+    # for those before them; a ring-all someone answered, or a caller who hung up, counts for nobody
+    "rings_by_agent": ("Rings not answered, by agent", ("agent", "name", "rung", "not_answered",
+                                                         "not_answered_%"), """
+        WITH steps AS (
+            SELECT c.id, s.entry, s.entry->>'step' AS kind,
+                   row_number() OVER (PARTITION BY c.id, s.entry->>'step' ORDER BY s.n) AS k
+              FROM calls c, jsonb_array_elements(c.route_log) WITH ORDINALITY AS s(entry, n)
+             WHERE c.started_at >= %(start)s AND c.started_at < %(end)s AND c.direction = 'inbound'
+               AND jsonb_typeof(c.route_log) = 'array' AND s.entry->>'step' IN ('ring', 'dial')
+               AND s.entry->>'status' IS DISTINCT FROM 'nobody_available'
+        ), rung AS (
+            SELECT a.endpoint, a.n, d.entry->>'status' AS status, r.entry->>'strategy' AS strategy,
+                   (SELECT min(x.n) FROM jsonb_array_elements_text(r.entry->'endpoints') WITH ORDINALITY
+                        AS x(endpoint, n) WHERE x.endpoint = d.entry->>'answered') AS answered_n
+              FROM steps r JOIN steps d ON d.id = r.id AND d.k = r.k AND d.kind = 'dial'
+                   CROSS JOIN jsonb_array_elements_text(r.entry->'endpoints') WITH ORDINALITY AS a(endpoint, n)
+             WHERE r.kind = 'ring' AND jsonb_typeof(r.entry->'endpoints') = 'array'
+        ), counted AS (
+            SELECT endpoint,
+                   status <> 'answered' OR strategy <> 'hunt' OR n <= coalesce(answered_n, n) AS was_rung,
+                   status IN ('noanswer', 'busy', 'failed')
+                       OR (status = 'answered' AND strategy = 'hunt' AND n < answered_n) AS missed
+              FROM rung
+        )
+        SELECT c.endpoint, e.name, count(*) FILTER (WHERE was_rung), count(*) FILTER (WHERE missed),
+               round(100.0 * count(*) FILTER (WHERE missed) / NULLIF(count(*) FILTER (WHERE was_rung), 0), 1)
+          FROM counted c LEFT JOIN employees e ON e.endpoint = c.endpoint
+         GROUP BY c.endpoint, e.name ORDER BY 1"""),
     "callbacks": ("Callback requests", ("status", "requests"), """
         SELECT status, count(*) FROM callback_requests
          WHERE created_at >= %(start)s AND created_at < %(end)s GROUP BY 1 ORDER BY 1"""),

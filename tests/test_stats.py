@@ -85,3 +85,29 @@ async def test_cli_csv(app, conn, pool, pg_url, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "shopcall", "-c", str(cfg), "stats", "--from", "2026-11-25",
                           "--to", "2026-11-01"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert bad.returncode == 2 and "before it starts" in bad.stderr
+
+
+async def test_rings_not_answered_by_agent(app, conn, pool):
+    yes = DialResult(DialStatus.ANSWERED, "agent3", 30, "ANSWER")
+    # ring-all delivery (agent2, agent3): answered by agent3, nobody's miss; then one nobody answered
+    await run(ScriptedCall(info("100", uid="r.1"), keys=["2"], dial=[yes]), app)
+    await run(ScriptedCall(info("100", uid="r.2"), keys=["2"], dial=[DialResult(DialStatus.NOANSWER)]), app)
+    # the caller hung up while the phones rang: not the agents' miss
+    await run(ScriptedCall(info("100", uid="r.3"), keys=["2"], dial=[DialResult(DialStatus.CALLER_GONE)]), app)
+    # hunting: agent2 let it ring out, agent3 answered
+    await conn.execute("UPDATE groups SET strategy = 'hunt' WHERE name = 'delivery'")
+    await run(ScriptedCall(info("100", uid="r.4"), keys=["2"], dial=[yes]), app)
+    # sales (agent1) with agent1's phone offline
+    await run(ScriptedCall(info("100", uid="r.5"), keys=["1"], dial=[DialResult(DialStatus.FAILED)]), app)
+    await conn.execute("UPDATE calls SET started_at = '2026-11-25 12:00+03'")
+    tables = {t.title: t for t in await stats.collect(pool, TODAY, TODAY, "Europe/Moscow")}
+    rows = {r[0]: r[1:] for r in tables["Rings not answered, by agent"].rows}
+    assert rows == {
+        "agent1": ("Анна Продажи", 1, 1, stats_decimal("100.0")),
+        "agent2": ("Борис Доставка", 4, 2, stats_decimal("50.0")),  # r.2 and r.4
+        "agent3": ("Вера Доставка", 4, 1, stats_decimal("25.0")),  # r.2
+    }
+    # a route log that is not what the flow writes (an import, an old row) is left out, not an error
+    await conn.execute("UPDATE calls SET route_log = '{\"x\": 1}' WHERE uniqueid = 'r.5'")
+    tables = {t.title: t for t in await stats.collect(pool, TODAY, TODAY, "Europe/Moscow")}
+    assert "agent1" not in {r[0] for r in tables["Rings not answered, by agent"].rows}
