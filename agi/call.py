@@ -33,7 +33,12 @@ _DIALSTATUS = {
     "BUSY": DialStatus.BUSY,
     "CANCEL": DialStatus.CALLER_GONE,
 }
-_DIAL_OUTCOME = quote("${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}")
+# ANSWEREDTIME counts from the *caller's* answer since Asterisk 13 (greeting, menu and ringing included), so
+# the agent's answer comes from the Dial's U() routine of the rendered include (SHOPCALL_ANSWERED_AT, on
+# Asterisk's clock like the "now" beside it); ANSWEREDTIME is the fallback without it
+_DIAL_OUTCOME = quote("${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}|${SHARED(SHOPCALL_ANSWERED_AT)}|"
+                      "${STRFTIME(,,%s.%3q)}")
+_CHANNEL = re.compile(r"[A-Za-z0-9/_.@:;+-]{1,120}\Z")  # nothing that ends a Dial option or its argument
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.+:@-]*\Z")
 _DEVICE = re.compile(r"[A-Za-z0-9_./@+:-]+\Z")  # nothing that ends DEVICE_STATE's argument or the list
@@ -60,9 +65,12 @@ class AgiCall(Call):
         trunk_template: str = "PJSIP/{number}@trunk",
         pbx_path: Callable[[Path], str] = str,
         max_call_seconds: int = 14400,
+        answered_routine: str | None = None,
     ) -> None:
         super().__init__(info, sounds)
         self.session = session
+        # the include's [<prefix>-answered]: run on the agent's channel when it answers (Dial option U)
+        self.answered_routine = answered_routine if answered_routine and _CHANNEL.match(info.channel) else None
         self.endpoint_template = endpoint_template
         self.trunk_template = trunk_template  # asterisk.trunk_template: a customer's number via the trunk
         self.pbx_path = pbx_path  # our path of a file → the path Asterisk sees (chroot, other host)
@@ -163,12 +171,15 @@ class AgiCall(Call):
 
     async def _dial_once(self, names: list[str], timeout: int, *, target: str = "") -> DialResult:
         target = target or "&".join(self.endpoint_template.format(endpoint=n) for n in names)
+        options = self.dial_options
+        if self.answered_routine:
+            options += f"U({self.answered_routine}^{self.info.channel})"
         started = time.monotonic()
         await self._send(
-            "EXEC", "Dial", quote(f"{target},{int(timeout)},{self.dial_options}"),
+            "EXEC", "Dial", quote(f"{target},{int(timeout)},{options}"),
             timeout=timeout + self.max_call_seconds + self.session.command_timeout,
         )
-        status, peer, answered_time = await self._dial_outcome()
+        status, peer, talk = await self._dial_outcome()
         answered = None
         for n in names:
             if peer.startswith(self.endpoint_template.format(endpoint=n) + "-"):
@@ -176,27 +187,33 @@ class AgiCall(Call):
         log.info(
             "%s: Dial %s -> %s %s (%.1f s)", self.info.uniqueid, target, status, peer, time.monotonic() - started
         )
-        return DialResult(_DIALSTATUS.get(status, DialStatus.FAILED), answered, _seconds(answered_time), status)
+        return DialResult(_DIALSTATUS.get(status, DialStatus.FAILED), answered, talk, status)
 
     async def last_dial(self) -> DialResult:
         """The dialplan's own Dial (the rendered fallback): the peer's channel name, less the endpoint
         template's prefix and the channel's sequence suffix, is the endpoint; a name that is not one (the
         template does not match, odd characters) is left out rather than guessed."""
-        status, peer, answered_time = await self._dial_outcome()
+        status, peer, talk = await self._dial_outcome()
         prefix = self.endpoint_template.partition("{endpoint}")[0]
         name, sep, _ = peer.removeprefix(prefix).rpartition("-")
         answered = name if status == "ANSWER" and sep and peer.startswith(prefix) and is_endpoint(name) else None
-        talk = _seconds(answered_time) if status == "ANSWER" else 0.0
+        talk = talk if status == "ANSWER" else 0.0
         return DialResult(_DIALSTATUS.get(status, DialStatus.FAILED), answered, talk, status)
 
-    async def _dial_outcome(self) -> tuple[str, str, str]:
-        """DIALSTATUS, DIALEDPEERNAME and ANSWEREDTIME in one round trip instead of three. Neither the status
-        nor the time can hold a "|", so the peer's channel name is whatever lies between the first and last."""
+    async def _dial_outcome(self) -> tuple[str, str, float]:
+        """DIALSTATUS, DIALEDPEERNAME and the talk seconds in one round trip. Neither the status nor the
+        numbers can hold a "|", so the peer's channel name is whatever lies between the first and the last
+        three."""
         reply = await self.session.send(command("GET FULL VARIABLE", _DIAL_OUTCOME))
         text = (reply.data or "") if reply.result == "1" else ""
         status, _, rest = text.partition("|")
-        peer, _, answered_time = rest.rpartition("|")
-        return status, peer, answered_time
+        fields = rest.rsplit("|", 3)
+        if len(fields) < 4:  # no answer (a dead session): nothing is known
+            return status, rest, 0.0
+        peer, answered_time, answered_at, now = fields
+        if answered_at and _seconds(now) >= _seconds(answered_at) > 0:
+            return status, peer, _seconds(now) - _seconds(answered_at)
+        return status, peer, _seconds(answered_time)
 
     async def record(
         self, path: Path, *, max_seconds: int = 120, silence_seconds: int = 5, beep: bool = True

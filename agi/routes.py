@@ -12,6 +12,7 @@ from agi.server import Handler
 from agi.session import AgiSession
 from shopcall.app import App
 from shopcall.call import CallInfo
+from shopcall.dialplan import ASTERISK_INCLUDE_VERSION
 from shopcall.flows import Flow
 
 _NO_VALUE = {"unknown", "<unknown>", ""}  # what Asterisk writes when it has no caller number or name
@@ -68,11 +69,17 @@ def path_mapper(*roots: tuple[Path, Path]):
     return to_pbx
 
 
+# the include versions (dp=N in its AGI calls, shopcall.dialplan) that have the [<prefix>-answered] routine
+NEW_INCLUDES = frozenset(str(v) for v in range(2, ASTERISK_INCLUDE_VERSION + 1))
+
+
 def agi_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
     to_pbx = path_mapper(
         (app.config.sounds_dir, app.config.asterisk_sounds_path),
         (app.config.recordings_dir, app.config.asterisk_recordings_path),
     )
+
+    answered_routine = f"{app.config.asterisk.context_prefix}-answered"
 
     def route(flow: Flow) -> Handler:
         async def handle(session: AgiSession, env: dict[str, str], script: Script) -> None:
@@ -84,6 +91,7 @@ def agi_routes(app: App, flows: Mapping[str, Flow]) -> dict[str, Handler]:
                 trunk_template=app.config.asterisk.trunk_template,
                 pbx_path=to_pbx,
                 max_call_seconds=app.config.agi.max_call_seconds,
+                answered_routine=answered_routine if script.args.get("dp", "") in NEW_INCLUDES else None,
             )
             await flow(call, app)
 

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import procstat  # noqa: E402
+from bench.agi_stub import OUTCOME  # noqa: E402
 from bench.e2e_ratio import run_calls  # noqa: E402
 from bench.pbx_service import NUMBER, root_missing, shopcall_service  # noqa: E402
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx  # noqa: E402
@@ -41,17 +42,20 @@ CONTEXTS = ("plain", "one", "replay", "shopcall")
 
 async def stub_agi(sounds: Path) -> asyncio.Server:
     """A FastAGI peer with no logic: `one` sets a variable, `replay` sends shopcall's commands for the call."""
-    replay = [b"ANSWER\n", f'STREAM FILE "{sounds}/greeting" ""\n'.encode(),
-              f'STREAM FILE "{sounds}/connecting" ""\n'.encode(), b'EXEC Dial "PJSIP/agent1,20,g"\n',
-              b'GET FULL VARIABLE "${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}"\n',
-              b'EXEC MSet "SHOPCALL_DONE=1,SHOPCALL_OUTCOME=answered"\n']
+    def replay(channel: str) -> list[bytes]:
+        return [b"ANSWER\n", f'STREAM FILE "{sounds}/greeting" ""\n'.encode(),
+                f'STREAM FILE "{sounds}/connecting" ""\n'.encode(),
+                f'EXEC Dial "PJSIP/agent1,20,gU(shopcall-answered^{channel})"\n'.encode(), OUTCOME,
+                b'EXEC MSet "SHOPCALL_DONE=1,SHOPCALL_OUTCOME=answered"\n']
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        script = ""
+        script = channel = ""
         while (line := await r.readline()) not in (b"\n", b""):
             if line.startswith(b"agi_network_script: "):
                 script = line.split(b": ", 1)[1].strip().decode()
-        for cmd in replay if script == "replay" else [b'SET VARIABLE SHOPCALL_GROUP "sales"\n']:
+            elif line.startswith(b"agi_channel: "):
+                channel = line.split(b": ", 1)[1].strip().decode()
+        for cmd in replay(channel) if script == "replay" else [b'SET VARIABLE SHOPCALL_GROUP "sales"\n']:
             w.write(cmd)
             if not await r.readline():
                 break

@@ -14,22 +14,25 @@ from __future__ import annotations
 import asyncio
 import sys
 
+# as agi/call.py sends them (the Dial's U() is the include's answered routine, for the talk time)
+OUTCOME = b'GET FULL VARIABLE "${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}|${SHARED(SHOPCALL_ANSWERED_AT)}|' \
+          b'${STRFTIME(,,%s.%3q)}"\n'
 
-def commands(sounds: str) -> list[bytes]:
+
+def commands(sounds: str, channel: str) -> list[bytes]:
     return [f'EXEC Playback "{sounds}/greeting"\n'.encode(), f'EXEC Playback "{sounds}/connecting"\n'.encode(),
-            b'EXEC Dial "PJSIP/agent1,6,g"\n',
-            b'GET FULL VARIABLE "${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}"\n',
+            f'EXEC Dial "PJSIP/agent1,6,gU(shopcall-answered^{channel})"\n'.encode(), OUTCOME,
             b'EXEC MSet "SHOPCALL_DONE=1,SHOPCALL_OUTCOME=answered"\n']
 
 
 async def main(sounds: str) -> None:
-    script = commands(sounds)
-
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
-            while await r.readline() not in (b"\n", b""):
-                pass
-            for cmd in script:
+            channel = ""
+            while (line := await r.readline()) not in (b"\n", b""):
+                if line.startswith(b"agi_channel: "):
+                    channel = line.split(b": ", 1)[1].strip().decode()
+            for cmd in commands(sounds, channel):
                 w.write(cmd)
                 if not await r.readline():
                     break

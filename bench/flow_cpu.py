@@ -37,7 +37,7 @@ from bench import procstat  # noqa: E402
 from bench.pbx_service import NUMBER, shopcall_service  # noqa: E402
 
 ENV = (
-    "agi_network: yes\nagi_network_script: inbound?number={n}\nagi_request: agi://127.0.0.1/inbound?number={n}\n"
+    "agi_network: yes\nagi_network_script: inbound?number={n}&dp=2\nagi_request: agi://127.0.0.1/inbound?number={n}&dp=2\n"
     "agi_channel: PJSIP/sipp-{i:08x}\nagi_language: ru\nagi_type: PJSIP\nagi_uniqueid: 1764650000.{i}\n"
     "agi_version: 22.0.0\nagi_callerid: 79160001122\nagi_calleridname: unknown\nagi_callingpres: 0\n"
     "agi_dnid: {n}\nagi_context: shopcall-inbound\nagi_extension: {n}\nagi_priority: 2\nagi_enhanced: 0.0\n"
@@ -50,7 +50,7 @@ def reply(command: bytes) -> bytes:
     if command.startswith(b"STREAM FILE"):
         return b"200 result=0 endpos=16000\n"
     if command.startswith(b"GET FULL VARIABLE"):
-        return b"200 result=1 (ANSWER|PJSIP/agent1-00000002|1)\n"
+        return b"200 result=1 (ANSWER|PJSIP/agent1-00000002|9|1796300000.500|1796300001.500)\n"
     return b"200 result=0\n"
 
 

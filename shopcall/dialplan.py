@@ -12,6 +12,9 @@ from shopcall.call import check_endpoint
 from shopcall.config import Config
 
 log = logging.getLogger("shopcall.dialplan")
+# What the rendered Asterisk include offers, sent to us in its AGI calls (dp=N): 2 adds [<prefix>-answered]
+# for Dial's option U. An include rendered before (no dp) gets Dials without it: nothing it lacks is used.
+ASTERISK_INCLUDE_VERSION = 2
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "dialplan"
 PBXES = ("asterisk", "freeswitch")
@@ -55,6 +58,7 @@ def render(config: Config, pbx: str, fallback_endpoints: list[str], include_path
             include_path=include_path,
         )
     return env.get_template(TEMPLATE[pbx]).render(
+        version=ASTERISK_INCLUDE_VERSION,
         prefix=config.asterisk.context_prefix,
         agi_url=config.agi_url,
         fallback_group=config.asterisk.fallback_group,

@@ -91,4 +91,31 @@ async def test_last_dial_reads_the_dialplans_own_dial_in_one_command():
         result = await call.last_dial()
         assert (result.status, result.answered_endpoint, result.talk_seconds) == expected, (status, peer)
         assert result.detail == status
-        assert session.sent == ['GET FULL VARIABLE "${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}"']
+        assert session.sent == ['GET FULL VARIABLE "${DIALSTATUS}|${DIALEDPEERNAME}|${ANSWEREDTIME}|'
+                                '${SHARED(SHOPCALL_ANSWERED_AT)}|${STRFTIME(,,%s.%3q)}"']
+
+
+def routine_call(channel: str = "PJSIP/trunk-00000001") -> tuple[AgiCall, FakeSession]:
+    session = FakeSession("ANSWER")
+    info = CallInfo(uniqueid="1.1", pbx="asterisk", channel=channel)
+    return AgiCall(session, info, PromptNames(), answered_routine="shopcall-answered"), session  # type: ignore[arg-type]
+
+
+async def test_talk_time_counts_from_the_agents_answer_not_the_callers():
+    # Asterisk's ANSWEREDTIME (40 s) counts from when the caller was answered, greeting and ringing
+    # included; the include's routine noted the agent's answer 12.25 s before the Dial returned
+    call, session = routine_call()
+    session.vars.update({"DIALEDPEERNAME": "PJSIP/agent2-00000007", "ANSWEREDTIME": "40",
+                         "SHARED(SHOPCALL_ANSWERED_AT)": "1796300000.500", "STRFTIME(,,%s.%3q)": "1796300012.750"})
+    result = await call.dial(["agent2", "agent3"], timeout=20)
+    assert session.sent[0] == 'EXEC Dial "PJSIP/agent2&PJSIP/agent3,20,gU(shopcall-answered^PJSIP/trunk-00000001)"'
+    assert (result.status, result.answered_endpoint, result.talk_seconds) == (DialStatus.ANSWERED, "agent2", 12.25)
+    # no note from the routine (nobody answered through it): Asterisk's figure is all there is
+    session.vars["SHARED(SHOPCALL_ANSWERED_AT)"] = ""
+    assert (await call.dial(["agent2"], timeout=20)).talk_seconds == 40.0
+
+
+async def test_without_the_routine_or_with_an_odd_channel_name_the_dial_has_no_option_u():
+    for call, session in (make_call(), routine_call("PJSIP/x)^y-0001"), routine_call("")):
+        await call.dial(["agent2"], timeout=20)
+        assert session.sent[0] == 'EXEC Dial "PJSIP/agent2,20,g"'

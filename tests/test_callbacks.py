@@ -298,7 +298,7 @@ class FakeSession:
             return parse_reply(f"200 result=1 ({self.vars[text.split()[-1]]})")
         if text.startswith("GET FULL VARIABLE"):  # Asterisk substitutes each ${NAME} of the expression
             expr = text.removeprefix("GET FULL VARIABLE ").strip('"')
-            value = re.sub(r"[$][{](\w+)[}]", lambda m: self.vars[m[1]], expr)
+            value = re.sub(r"[$][{]([^}]+)[}]", lambda m: self.vars.get(m[1], ""), expr)
             return parse_reply(f"200 result=1 ({value})")
         return parse_reply("200 result=0")
 

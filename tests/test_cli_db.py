@@ -68,7 +68,9 @@ async def test_render_dialplan_rings_the_fallback_group_from_the_directory(conn,
     out = shopcall("render-dialplan", "--pbx", "asterisk", "-o", str(target), config=config)
     assert out.returncode == 0, out.stderr
     text = target.read_text()
-    assert "AGI(agi://127.0.0.1:4599/inbound?number=${URIENCODE(${SHOPCALL_NUMBER})})" in text
+    assert "AGI(agi://127.0.0.1:4599/inbound?number=${URIENCODE(${SHOPCALL_NUMBER})}&dp=2)" in text
+    # the routine Dial's option U runs when an agent answers, so the talk time starts there
+    assert "[shopcall-answered]\nexten => s,1,Set(SHARED(SHOPCALL_ANSWERED_AT,${ARG1})=" in text
     assert " same => n,Dial(PJSIP/agent1,20)" in text  # sales is the fallback group
     assert '"${SHOPCALL_DONE}" = "1"' in text
 
