@@ -37,6 +37,7 @@ class Group:
     survey: bool = False
     recording_policy: str | None = None
     skip_busy: bool = False  # agents on a call are not rung (the PBX is asked at ring time)
+    hold_seconds: int = 0  # with skip_busy: a caller who finds them all busy waits in line this long
 
     @property
     def dial_strategy(self) -> DialStrategy:
@@ -314,7 +315,7 @@ class Directory:
                 members = members[start:] + members[:start]
                 await conn.execute("UPDATE groups SET rr_position = rr_position + 1 WHERE id = %s", (g["id"],))
         return Group(g["id"], g["name"], g["strategy"], g["ring_timeout"], tuple(members), g["survey_enabled"],
-                     g["recording_policy"], g["skip_busy"])
+                     g["recording_policy"], g["skip_busy"], g["hold_seconds"])
 
     async def employee_by_endpoint(self, endpoint: str) -> int | None:
         async with self.pool.connection() as conn:

@@ -50,6 +50,16 @@ def _flag(entry: Mapping[str, Any], key: str, where: str) -> bool:
     return value
 
 
+def _hold_seconds(group: Mapping[str, Any], where: str) -> int:
+    value = group.get("hold_seconds", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 3600:
+        raise DirectoryError(f"{where}: 'hold_seconds' must be whole seconds from 0 to 3600, not {value!r}")
+    if value and group.get("skip_busy") is not True:
+        # callers wait for a free agent only where the PBX is asked who is free
+        raise DirectoryError(f"{where}: 'hold_seconds' needs skip_busy = true")
+    return value
+
+
 async def load(conn: psycopg.AsyncConnection, data: Mapping[str, list[dict[str, Any]]]) -> dict[str, int]:
     counts: dict[str, int] = {}
     async with conn.transaction():
@@ -106,15 +116,17 @@ async def load(conn: psycopg.AsyncConnection, data: Mapping[str, list[dict[str, 
         for i, g in enumerate(data.get("groups", [])):
             where = f"groups[{i}]"
             cur = await conn.execute(
-                """INSERT INTO groups (name, title, strategy, ring_timeout, category, survey_enabled, skip_busy)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s)
+                """INSERT INTO groups (name, title, strategy, ring_timeout, category, survey_enabled, skip_busy,
+                                     hold_seconds)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (name) DO UPDATE SET title = EXCLUDED.title, strategy = EXCLUDED.strategy,
                      ring_timeout = EXCLUDED.ring_timeout, category = EXCLUDED.category,
-                     survey_enabled = EXCLUDED.survey_enabled, skip_busy = EXCLUDED.skip_busy
+                     survey_enabled = EXCLUDED.survey_enabled, skip_busy = EXCLUDED.skip_busy,
+                     hold_seconds = EXCLUDED.hold_seconds
                    RETURNING id""",
                 (_need(g, "name", where), g.get("title", ""), g.get("strategy", "ringall"),
                  int(g.get("ring_timeout", 20)), g.get("category"), bool(g.get("survey", False)),
-                 _flag(g, "skip_busy", where)),
+                 _flag(g, "skip_busy", where), _hold_seconds(g, where)),
             )
             gid = (await cur.fetchone())["id"]
             await conn.execute("DELETE FROM group_members WHERE group_id = %s", (gid,))

@@ -11,6 +11,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from shopcall import hold_music
 from shopcall.tts import Tts, with_ext
 
 # Prompt ids the call flow relies on; a texts file lacking one fails at load, not mid-call.
@@ -127,6 +128,9 @@ class Prompts:
 
     async def path(self, prompt_id: str, lang: str) -> Path:
         """Base path (no extension) to play: a recording if any, else the synthesised prompt."""
+        if prompt_id == hold_music.PROMPT_ID:  # music, not a text: made once, for every language
+            return self.custom_base(prompt_id, lang) or await asyncio.to_thread(
+                hold_music.render, self.out_dir / prompt_id)
         text = self.text(prompt_id, lang)
         stamp = (_mtime_ns(self.custom_dir / lang) if self.custom_dir else 0, _mtime_ns(self.out_dir / lang))
         hit = self._resolved.get((prompt_id, lang))
@@ -171,6 +175,7 @@ class Prompts:
                     summary["updated"] += 1
 
         await asyncio.gather(*(one(p, lang) for p, lang in jobs))
+        await asyncio.to_thread(hold_music.render, self.out_dir / hold_music.PROMPT_ID)
         return summary
 
     async def _build_one(self, prompt_id: str, lang: str, text: str) -> bool:

@@ -130,3 +130,11 @@ def opening_text(opens: datetime, now: datetime, lang: str) -> str:
         return f"We open again {day} at midnight."
     clock = f"{h % 12 or 12}:{m:02d}" if m else f"{h % 12 or 12}"
     return f"We open again {day} at {clock} {'a.m.' if h < 12 else 'p.m.'}"
+
+
+def position_text(position: int, lang: str) -> str:
+    """ "Ваш номер в очереди — второй." / "You are number 2 in line.": a waiting caller's place."""
+    _check_lang(lang)
+    if lang == "ru":
+        return f"Ваш номер в очереди — {num2words(int(position), lang='ru', to='ordinal')}."
+    return f"You are number {int(position)} in line."

@@ -42,6 +42,7 @@ class ScriptedCall(Call):
         hang_up_on: str | None = None,
         message_seconds: float = 0.0,
         on_a_call: Sequence[set[str]] = (),
+        keys_on: dict[str, str] | None = None,
     ) -> None:
         super().__init__(info, PromptNames())
         self.keys = list(keys)
@@ -50,6 +51,7 @@ class ScriptedCall(Call):
         self.hang_up_on = hang_up_on  # the first verb of this name finds the caller gone
         self.message_seconds = message_seconds  # what the caller says when recorded (a 440 Hz tone)
         self.on_a_call_now = list(on_a_call)  # per question of a skip_busy step: who is talking
+        self.keys_on = dict(keys_on or {})  # sound name -> the key pressed while it plays (once)
         self.actions: list[tuple] = []
         self.vars: dict[str, str] = {}
 
@@ -70,6 +72,8 @@ class ScriptedCall(Call):
 
     async def stream(self, sound: Path, *, escape: str = "") -> str | None:
         self._do("stream", sound.name)
+        if escape and sound.name in self.keys_on:
+            return self.keys_on.pop(sound.name)
         if escape and self.greeting_key:
             key, self.greeting_key = self.greeting_key, None
             return key

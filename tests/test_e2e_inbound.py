@@ -222,6 +222,8 @@ async def test_key_2_rings_the_whole_delivery_group_and_logs_who_answered(stack,
     assert (crm["call_id"], crm["outcome"], crm["agent_endpoint"], crm["group"], crm["caller_e164"]) == (
         row["id"], "answered", "agent2", "delivery", "+79161234567"), explain(stack)
     assert crm["talk_seconds"] >= 2 and crm["recording_path"] == row["recording_path"]
+    # counted from agent2's answer (the include's answered routine), not from the greeting's
+    assert crm["talk_seconds"] < 4.5 and crm["wait_seconds"] >= 1.0, crm
     # while the phones rang, the CRM was told whose they were (its screen pop), before the call ended
     [pop] = stack["crm"].call(row["uniqueid"], event="call_ringing")
     assert ([a["endpoint"] for a in pop["agents"]], pop["group"], pop["reason"], pop["caller_e164"]) == (
@@ -413,6 +415,24 @@ async def test_a_skip_busy_group_passes_over_the_agent_already_talking(stack, db
     skips = [(s["skipped"], s["agents"]) for s in row["route_log"] if s["step"] == "skip"]
     assert skips == [("busy", ["agent2"])]
     assert [s["endpoints"] for s in row["route_log"] if s["step"] == "ring"] == [["agent3"]]
+
+
+async def test_a_caller_waits_in_line_for_the_agent_on_a_call(stack, db, agents):
+    a = await agents(agent2=dict(answer_after=0.3, hangup_after=5.0))
+    first = asyncio.create_task(place_call("420", pbx=stack["sip"], work_dir=stack["work"]))
+    assert await a["agent2"].wait_for("ANSWERED", timeout=20) == 1, explain(stack, *a.values())
+    # the group's only agent is talking: the second caller hears the notice and the hold music, and is
+    # put through once agent2 has hung up on the first
+    second = await place_call("420", from_user="79165550008", pbx=stack["sip"], work_dir=stack["work"])
+    assert second.answered and (await first).answered, explain(stack, *a.values()) + second.log_tail
+    assert await a["agent2"].wait_for("ANSWERED", count=2, timeout=5) == 2
+    rows = {r["caller_e164"]: r for r in wait_row(db, 2)}
+    row = rows["+79165550008"]
+    assert (row["outcome"], row["agent"], row["group_name"]) == ("answered", "agent2", "line"), explain(stack)
+    [ended] = [s for s in row["route_log"] if s["step"] == "hold_end"]
+    assert ended["how"] == "rang" and ended["waited"] >= 5, row["route_log"]
+    assert (row["answered_at"] - row["started_at"]).total_seconds() >= 5  # the wait counts as waiting
+    assert "could not play" not in stack["app"].log_tail(200)  # Asterisk found the hold music we made
 
 
 async def test_overflow_robot_tells_the_order_status(stack, db, agents):

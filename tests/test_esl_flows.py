@@ -435,6 +435,20 @@ async def test_a_skip_busy_group_all_on_calls_is_a_missed_call_without_ringing(p
     assert cb["reason"] == "no_answer"
 
 
+async def test_a_caller_holds_in_line_while_everyone_is_busy(place, pbx, conn):
+    # the sounds do not exist here, so the music reads as 30 s long: 60 s of holding are two rounds
+    await conn.execute("UPDATE groups SET skip_busy = true, hold_seconds = 60 WHERE name = 'delivery'")
+    out = await place(Scenario(keys=["2"], on_a_call={"agent2", "agent3"}))
+    assert out.dials == []
+    assert out.played[-4:] == ["hold_notice", "hold_music", "hold_music", "nobody_answered"]
+    row = await call_row(conn, out.uid)
+    assert [s["how"] for s in row["route_log"] if s["step"] == "hold_end"] == ["timeout"]
+    if pbx == "freeswitch":  # the step's question, then one a round
+        assert out.peer.commands.count("api show channels as json") == 3
+    [cb] = await callbacks(conn)
+    assert cb["reason"] == "no_answer"
+
+
 async def test_a_group_that_rings_busy_agents_does_not_ask_the_pbx(place, pbx, conn):
     out = await place(Scenario(keys=["2"], answers=[("agent2", 5)], on_a_call={"agent2"}))
     assert out.dials == [(["agent2", "agent3"], "ringall", 6)]  # call waiting is the PBX's business

@@ -13,9 +13,9 @@ import wave
 from datetime import timedelta
 from pathlib import Path
 
-from shopcall import hours, recording, routing, speech
+from shopcall import hold, hours, recording, routing, speech
 from shopcall.app import App
-from shopcall.call import Call, CallEnded, DialStatus, presentable
+from shopcall.call import Call, CallEnded, DialResult, DialStatus, presentable
 from shopcall.calllog import CallRecord, now
 from shopcall.dialplan import fallback_group
 from shopcall.flows import flow
@@ -119,21 +119,16 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
     shown = presentable(call.info.caller_name)
     if route.category_title:
         shown = f"[{presentable(route.category_title)}] {shown}".strip()
-    result = None
     rang = False
     recording_to: Path | None = None
-    for step in steps:
-        if step.skip_busy:
-            step = await _free_agents(call, step, rec)
-            if step is None:
-                continue
-        if not rang:
-            rang = True
-            await call.play("connecting")
+
+    async def ring(step: routing.RingStep) -> DialResult:
+        nonlocal rang, recording_to
+        rang = True
         rec.step("ring", reason=step.reason, target=step.label, endpoints=list(step.endpoints),
                  strategy=str(step.strategy), timeout=step.timeout)
-        group_policy = step.group.recording_policy if step.group else None
-        policy = recording.resolve(route.recording_policy, group_policy, [m.recording_policy for m in step.members])
+        policy = recording.resolve(route.recording_policy, step.group.recording_policy if step.group else None,
+                                   [m.recording_policy for m in step.members])
         if policy != "never" and recording_to is None:
             recording_to = recording.path_for(app.config.recordings_dir, rec.uniqueid, rec.started_at)
             await call.start_recording(recording_to, on_demand=policy == "on_demand")
@@ -143,6 +138,25 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
         result = await call.dial(list(step.endpoints), strategy=step.strategy, timeout=step.timeout,
                                  caller_name=shown if shown != call.info.caller_name else None)
         rec.step("dial", status=str(result.status), answered=result.answered_endpoint, detail=result.detail)
+        return result
+
+    for step in steps:
+        free = await _free_agents(call, step, rec) if step.skip_busy else step
+        if free is None and step.group is not None and step.group.hold_seconds:
+            waited = await hold.wait_in_line(call, app.pool, rec, step, ring)
+            if waited.how == "callback":
+                await _callback_instead(call, rec)
+                await _finish(call, rec)
+                return
+            result = waited.result
+        elif free is None:
+            continue
+        else:
+            if not rang:
+                await call.play("connecting")
+            result = await ring(free)
+        if result is None:
+            continue
         if result.status == DialStatus.ANSWERED:
             if step.group:
                 rec.group_name = step.group.name
@@ -151,9 +165,9 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
             rec.answered_at = now() - timedelta(seconds=result.talk_seconds)
             agent = next((m for m in step.members if m.endpoint == result.answered_endpoint), None)
             if recording_to is not None:
-                await _settle_recording(call, rec, recording_to,
-                                        keep=recording.keep_for(route.recording_policy, group_policy,
-                                                                agent.recording_policy if agent else "always"))
+                keep = recording.keep_for(route.recording_policy, step.group.recording_policy if step.group else None,
+                                          agent.recording_policy if agent else "always")
+                await _settle_recording(call, rec, recording_to, keep=keep)
             if step.group.survey if step.group else any(st.group and st.group.survey for st in steps):
                 await _survey(call, app, rec)
             await _finish(call, rec)
@@ -179,18 +193,23 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
 async def _free_agents(call: Call, step: routing.RingStep, rec: CallRecord) -> routing.RingStep | None:
     """The step without its agents who are on a call (asked just before it rings, so a sticky step's
     seconds are not stale); None when nobody in it is free. A PBX that cannot tell rings them all."""
-    try:
-        talking = await call.on_a_call(step.endpoints)
-    except CallEnded:
-        raise
-    except Exception as exc:  # busy agents are a nicety: ringing them beats dropping the call
-        log.warning("%s: could not ask who is on a call (%s): ringing everyone", call.info.uniqueid, exc)
-        return step
+    talking = await hold.talking(call, step.endpoints, rec)
     if not talking:
         return step
     rec.step("skip", ring=step.reason, skipped="busy", agents=sorted(talking))
     free = routing.without(step, talking)
     return free if free.endpoints else None
+
+
+async def _callback_instead(call: Call, rec: CallRecord) -> None:
+    """Key 1 while waiting in line: a callback request instead of the wait (a missed call all the same)."""
+    rec.outcome = "missed_no_answer"
+    if rec.caller_e164:
+        rec.callback_reason = "hold"
+        await call.play("callback_confirmed")
+    else:
+        rec.step("hold_callback_impossible", reason="caller number is not a phone number")
+        await call.play("goodbye")
 
 
 def _ringing_body(rec: CallRecord, route, caller, step: routing.RingStep, shown: str) -> dict:
