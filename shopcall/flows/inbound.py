@@ -19,7 +19,7 @@ from shopcall.call import Call, CallEnded, DialResult, DialStatus, presentable
 from shopcall.calllog import CallRecord, now
 from shopcall.dialplan import fallback_group
 from shopcall.flows import flow
-from shopcall.flows.robot import overflow_robot
+from shopcall.flows.robot import confirm_callback, overflow_robot
 from shopcall.phone import is_withheld
 from shopcall.voicemail import store_voicemail
 
@@ -144,8 +144,9 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
         free = await _free_agents(call, step, rec) if step.skip_busy else step
         if free is None and step.group is not None and step.group.hold_seconds:
             waited = await hold.wait_in_line(call, app.pool, rec, step, ring)
-            if waited.how == "callback":
-                await _callback_instead(call, rec)
+            if waited.how == "callback":  # a missed call all the same, with its request
+                rec.outcome = "missed_no_answer"
+                await confirm_callback(call, rec, "hold")
                 await _finish(call, rec)
                 return
             result = waited.result
@@ -199,17 +200,6 @@ async def _free_agents(call: Call, step: routing.RingStep, rec: CallRecord) -> r
     rec.step("skip", ring=step.reason, skipped="busy", agents=sorted(talking))
     free = routing.without(step, talking)
     return free if free.endpoints else None
-
-
-async def _callback_instead(call: Call, rec: CallRecord) -> None:
-    """Key 1 while waiting in line: a callback request instead of the wait (a missed call all the same)."""
-    rec.outcome = "missed_no_answer"
-    if rec.caller_e164:
-        rec.callback_reason = "hold"
-        await call.play("callback_confirmed")
-    else:
-        rec.step("hold_callback_impossible", reason="caller number is not a phone number")
-        await call.play("goodbye")
 
 
 def _ringing_body(rec: CallRecord, route, caller, step: routing.RingStep, shown: str) -> dict:

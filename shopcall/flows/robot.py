@@ -34,11 +34,17 @@ async def overflow_robot(call: Call, app: App, rec: CallRecord) -> None:
         if again and again.choice == "1":
             await call.play("goodbye")
             return
+    await confirm_callback(call, rec, "robot")
+
+
+async def confirm_callback(call: Call, rec: CallRecord, reason: str) -> None:
+    """The caller asked to be called back (the robot's 2, key 1 in line): a request with the row, if their
+    number is one we can call."""
     if rec.caller_e164:
-        rec.callback_reason = "robot"
+        rec.callback_reason = reason
         await call.play("callback_confirmed")
     else:
-        rec.step("robot_callback_impossible", reason="caller number is not a phone number")
+        rec.step(f"{reason}_callback_impossible", reason="caller number is not a phone number")
         await call.play("goodbye")
 
 
