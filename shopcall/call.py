@@ -178,7 +178,15 @@ class Call(abc.ABC):
         """Which of our endpoints are on a call now, by the PBX's own account (a group's skip_busy). The
         names are checked here as for `dial`; a PBX that cannot say answers none, so everyone still rings."""
         names = [check_endpoint(e) for e in endpoints]
-        return await self.busy(names) if names else frozenset()
+        if not names:
+            return frozenset()
+        try:
+            return await self.busy(names)
+        except CallEnded:
+            raise
+        except Exception as exc:  # busy agents are a nicety: ringing them beats failing the call
+            log.warning("%s: could not ask who is on a call (%s): ringing everyone", self.info.uniqueid, exc)
+            return frozenset()
 
     @abc.abstractmethod
     async def busy(self, names: list[str]) -> frozenset[str]:

@@ -91,7 +91,7 @@ async def wait_in_line(call: Call, pool: AsyncConnectionPool, rec: CallRecord, s
                 how = "callback"
                 break
             key = None  # any other key means nothing here
-            free = routing.without(step, await talking(call, step.endpoints, rec))
+            free = routing.without(step, await call.on_a_call(step.endpoints))
             place = 1 + (await _db(ahead(pool, rec.uniqueid), rec) or 0)
             if free.endpoints and place <= len(free.endpoints):  # our turn: fewer ahead than agents free
                 result = await ring(free)
@@ -107,17 +107,6 @@ async def wait_in_line(call: Call, pool: AsyncConnectionPool, rec: CallRecord, s
         await _db(leave(pool, rec.uniqueid), rec)
         rec.step("hold_end", how=how, waited=round(time.monotonic() - started, 1), place=place)
     return Waited(how, result)
-
-
-async def talking(call: Call, endpoints: tuple[str, ...], rec: CallRecord) -> frozenset[str]:
-    """Who of them is on a call; a PBX that cannot say gets everyone rung (busy agents are a nicety)."""
-    try:
-        return await call.on_a_call(endpoints)
-    except CallEnded:
-        raise
-    except Exception as exc:
-        log.warning("%s: could not ask who is on a call (%s): ringing everyone", rec.uniqueid, exc)
-        return frozenset()
 
 
 async def _db(coro, rec: CallRecord):

@@ -54,7 +54,7 @@ class PbxCannotSay(ScriptedCall):
 async def test_a_pbx_that_cannot_say_who_is_busy_rings_everyone(app, conn, caplog):
     await conn.execute("UPDATE groups SET skip_busy = true WHERE name = 'delivery'")
     call = PbxCannotSay(info(), keys=["2"], dial=[yes("agent2")])
-    with caplog.at_level(logging.WARNING, logger="shopcall.inbound"):
+    with caplog.at_level(logging.WARNING, logger="shopcall.call"):
         await run(call, app)
     assert dials(call) == [["agent2", "agent3"]]
     assert (await call_row(conn))["outcome"] == "answered"

@@ -194,7 +194,7 @@ async def _run(call: Call, app: App, rec: CallRecord) -> None:
 async def _free_agents(call: Call, step: routing.RingStep, rec: CallRecord) -> routing.RingStep | None:
     """The step without its agents who are on a call (asked just before it rings, so a sticky step's
     seconds are not stale); None when nobody in it is free. A PBX that cannot tell rings them all."""
-    talking = await hold.talking(call, step.endpoints, rec)
+    talking = await call.on_a_call(step.endpoints)
     if not talking:
         return step
     rec.step("skip", ring=step.reason, skipped="busy", agents=sorted(talking))
