@@ -14,6 +14,9 @@ from shopcall.config import Config
 from shopcall.dialler import DialOutcome, OutcomeUnknown
 
 FREE_STATES = frozenset({"NOT_INUSE"})
+# Asterisk's device states as the live view's (shopcall/live.py): RINGINUSE is a call and one more ringing
+LIVE_STATES = {"NOT_INUSE": "free", "INUSE": "on_call", "BUSY": "on_call", "ONHOLD": "on_call",
+               "RINGINUSE": "on_call", "RINGING": "ringing", "UNAVAILABLE": "unavailable", "INVALID": "unavailable"}
 
 
 class AsteriskAgentPhones:
@@ -30,6 +33,13 @@ class AsteriskAgentPhones:
             return await self.ami.device_state(self.device(endpoint)) in FREE_STATES
         except AmiError as exc:
             raise PbxError(str(exc)) from exc
+
+    async def phone_state(self, endpoint: str) -> str:
+        try:
+            state = await self.ami.device_state(self.device(endpoint))
+        except AmiError as exc:
+            raise PbxError(str(exc)) from exc
+        return LIVE_STATES.get(state, "unknown")
 
     async def ring(self, endpoint: str, *, request_id: int, phone: str, ring_seconds: int) -> DialOutcome:
         number, name = shown_to_agent(phone)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from esl.channels import GONE, belongs, channels
+from esl.channels import GONE, TALKING, belongs, channels
 from esl.client import EslClient
 from esl.originator import originate_outcome
 from shopcall.call import check_endpoint
@@ -33,6 +33,13 @@ class FreeswitchAgentPhones:
     async def is_free(self, endpoint: str) -> bool:
         name = check_endpoint(endpoint)
         return not any(belongs(row, name) and row.get("callstate") not in GONE for row in await self._channels())
+
+    async def phone_state(self, endpoint: str) -> str:
+        """on_call, ringing or free, by the phone's live channels; FreeSWITCH's listing does not say whether a
+        phone without a call is registered, so "free" here means no live channel."""
+        name = check_endpoint(endpoint)
+        states = {row.get("callstate") for row in await self._channels() if belongs(row, name)} - GONE
+        return "on_call" if states & TALKING else "ringing" if states else "free"
 
     async def _channels(self) -> list[dict]:
         at, rows = self._listing

@@ -29,7 +29,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from shopcall import blocklist, callbacks, history, stats, status
+from shopcall import blocklist, callbacks, history, live, stats, status
 from shopcall.call import check_endpoint
 from shopcall.calllog import RECORDING_LINK
 from shopcall.config import is_loopback
@@ -48,6 +48,17 @@ ALLOW: web.AppKey[list] = web.AppKey("allow", list)
 TOKENS: web.AppKey[list] = web.AppKey("tokens", list)
 REQUESTS: web.AppKey[Buckets] = web.AppKey("requests", Buckets)  # by token
 FAILURES: web.AppKey[Buckets] = web.AppKey("auth_failures", Buckets)  # by address
+
+
+@dataclass
+class LivePhones:
+    """The live view's link to the PBX: set by `shopcall serve` once it has connected (it may come later
+    than the API, or never: the view then shows the phones as not asked)."""
+
+    phones: live.PhoneStates | None = None
+
+
+PHONES: web.AppKey[LivePhones] = web.AppKey("live_phones", LivePhones)
 
 PUBLIC = frozenset({"/api/openapi.json", "/healthz"})  # no token: monitoring and client generators
 MAX_BODY = 64 * 1024  # agent updates are a few bytes; a big body is a mistake or an attack
@@ -306,6 +317,11 @@ async def list_agents(request: web.Request) -> web.StreamResponse:
         cur = await conn.execute("SELECT endpoint, name, logged_in, paused FROM employees ORDER BY endpoint")
         rows = await cur.fetchall()
     return _json({"agents": [dict(r) for r in rows]})
+
+
+async def get_live(request: web.Request) -> web.StreamResponse:
+    _query(request, set())
+    return _json(await live.snapshot(request.app[POOL], request.app[PHONES].phones))
 
 
 AGENT_FIELDS = ("logged_in", "paused")
@@ -578,6 +594,20 @@ _AGENT = {"type": "object", "required": ["endpoint", "logged_in", "paused"], "pr
     "endpoint": {"type": "string"}, "name": {"type": "string"},
     "logged_in": {"type": "boolean"}, "paused": {"type": "boolean"}}}
 _DATE = {"type": "string", "format": "date"}
+_LIVE = {"type": "object", "required": ["at", "waiting", "groups", "agents", "phones_asked", "pbx_error"],
+         "properties": {
+    "at": {"type": "string", "format": "date-time"},
+    "waiting": {"type": "array", "items": {"type": "object", "properties": {
+        "group": {"type": "string"}, "position": {"type": "integer", "minimum": 1},
+        "caller_number": {"type": ["string", "null"]}, "uniqueid": {"type": "string"},
+        "joined_at": {"type": "string", "format": "date-time"}, "waiting_seconds": {"type": "number"}}}},
+    "groups": {"type": "array", "items": {"type": "object", "properties": {
+        "group": {"type": "string"}, "waiting": {"type": "integer"}, "longest_wait_seconds": {"type": "number"}}}},
+    "agents": {"type": "array", "items": {"type": "object", "properties": {
+        **_AGENT["properties"], "groups": {"type": "array", "items": {"type": "string"}},
+        "last_call_at": {"type": ["string", "null"], "format": "date-time"},
+        "phone": {"type": ["string", "null"], "enum": [*live.PHONE_STATES, None]}}}},
+    "phones_asked": {"type": "boolean"}, "pbx_error": {"type": ["string", "null"]}}}
 
 _REQUEST_ID_PATH = {"name": "request_id", "in": "path", "required": True,
                     "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX}}
@@ -591,6 +621,7 @@ OPENAPI: dict[str, Any] = {
             "Error": {"type": "object", "required": ["error"],
                       "properties": {"error": {"type": "string"}, "detail": {}}},
             "Agent": _AGENT,
+            "Live": _LIVE,
             "Blocked": {"type": "object", "required": ["phone", "reason", "until", "source", "created_at"],
                         "properties": {"phone": {"type": "string"}, "reason": {"type": "string"},
                                        "until": {"type": ["string", "null"], "format": "date-time"},
@@ -639,6 +670,13 @@ OPENAPI: dict[str, Any] = {
                 "413": _err("body too large"),
                 "422": _err("body not an object, unknown field, a value not a boolean, or a NUL character"),
                 **_AUTH_ERRORS},
+        }},
+        "/api/v1/live": {"get": {
+            "summary": "Now: callers waiting in line (by group, longest wait) and each agent with their phone's state",
+            "description": "phone is asked of the PBX (null when this process has no link to it; unknown, "
+                           "with pbx_error, when the PBX cannot say). On FreeSWITCH free means no live channel.",
+            "responses": {"200": _ok("the live view", {"$ref": "#/components/schemas/Live"}),
+                          "400": _err("a query parameter (this operation takes none)"), **_AUTH_ERRORS},
         }},
         "/api/v1/calls": {"get": {
             "summary": "The call history, newest first: a caller's, a range of days', or both (JSON pages or CSV)",
@@ -790,10 +828,11 @@ OPENAPI["info"]["description"] = ("A shop's call centre on its own PBX: statisti
 # --------------------------------------------------------------------------- start/stop
 
 
-def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
+def build_app(config: Any, pool: AsyncConnectionPool, phones: LivePhones | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors, _allow, _auth, _storable_params], client_max_size=MAX_BODY)
     app[CONFIG] = config
     app[POOL] = pool
+    app[PHONES] = phones or LivePhones()
     app[ALLOW] = parse_allow(config.api.allow)
     app[TOKENS] = [t.strip().encode() for t in config.api.tokens if t.strip()]  # the header's value is stripped too
     app[REQUESTS] = Buckets(config.api.rate_per_second, config.api.rate_burst)
@@ -801,6 +840,7 @@ def build_app(config: Any, pool: AsyncConnectionPool) -> web.Application:
     app.router.add_get("/api/v1/stats", get_stats)
     app.router.add_get("/api/v1/agents", list_agents)
     app.router.add_post("/api/v1/agents/{endpoint}", set_agent)
+    app.router.add_get("/api/v1/live", get_live)
     app.router.add_get("/api/v1/calls", list_calls)
     app.router.add_post("/api/v1/calls", post_call)
     app.router.add_get(r"/api/v1/calls/{call_id}/recording", get_recording)
@@ -829,7 +869,7 @@ class ApiRunner:
         await self.runner.cleanup()
 
 
-async def start_api(config: Any, pool: AsyncConnectionPool) -> ApiRunner:
+async def start_api(config: Any, pool: AsyncConnectionPool, phones: LivePhones | None = None) -> ApiRunner:
     """Listen on api.listen:api.port. Raises ApiStartError when that would expose the API unguarded."""
     api = config.api
     if not is_loopback(api.listen) and not api.allow:
@@ -837,7 +877,7 @@ async def start_api(config: Any, pool: AsyncConnectionPool) -> ApiRunner:
                             "list the networks that may use the API in api.allow, or listen on 127.0.0.1")
     if not api.tokens:
         log.warning("API: api.tokens is empty, so every request but /healthz and /api/openapi.json gets 401")
-    runner = web.AppRunner(build_app(config, pool), access_log=None)  # _errors logs each request itself
+    runner = web.AppRunner(build_app(config, pool, phones), access_log=None)  # _errors logs each request itself
     await runner.setup()
     site = web.TCPSite(runner, api.listen, api.port, reuse_address=True)
     try:

@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("action", choices=("login", "logout", "pause", "unpause", "list"))
     ag.add_argument("endpoint", nargs="?", help="the agent's endpoint (not for list)")
 
+    lv = sub.add_parser("live", help="now: who waits in line and each agent's state (phones: GET /api/v1/live)")
+    lv.add_argument("--json", action="store_true", help="the API's JSON instead of text")
+
     st = sub.add_parser("stats", help="missed calls, answer rate, wait, callbacks, survey scores for a range")
     st.add_argument("--from", dest="first", type=date.fromisoformat, help="first day (default: today)")
     st.add_argument("--to", dest="last", type=date.fromisoformat, help="last day, included (default: --from)")
@@ -189,6 +192,17 @@ async def _run(args: argparse.Namespace, config) -> int:
 
     if args.cmd == "agent":
         return await _agent(config, args.action, args.endpoint)
+
+    if args.cmd == "live":
+        import json
+
+        from shopcall import live
+
+        url = await db.resolve_url(config.database.url, config.pgdata)
+        async with db.open_pool(url, min_size=1, max_size=1) as pool:
+            view = await live.snapshot(pool, None)  # the API's process keeps the PBX link for phones
+        print(json.dumps(view, default=str, ensure_ascii=False, indent=1) if args.json else live.as_text(view))
+        return 0
 
     if args.cmd == "block":
         return await _block(config, args)

@@ -28,12 +28,13 @@ STALE_SECONDS = 120  # past a round of music and a ring: a row not refreshed for
 CALLBACK_KEY = "1"
 
 
-async def join(pool: AsyncConnectionPool, uniqueid: str, group_id: int) -> None:
+async def join(pool: AsyncConnectionPool, uniqueid: str, group_id: int, caller_number: str = "") -> None:
     async with pool.connection() as conn:
         await conn.execute(
-            "INSERT INTO hold_queue (uniqueid, group_id) VALUES (%s, %s) ON CONFLICT (uniqueid) DO UPDATE"
-            " SET group_id = EXCLUDED.group_id, joined_at = clock_timestamp(), seen_at = clock_timestamp()",
-            (uniqueid, group_id))
+            "INSERT INTO hold_queue (uniqueid, group_id, caller_number) VALUES (%s, %s, %s)"
+            " ON CONFLICT (uniqueid) DO UPDATE SET group_id = EXCLUDED.group_id, joined_at = clock_timestamp(),"
+            " seen_at = clock_timestamp()",
+            (uniqueid, group_id, caller_number or None))
 
 
 async def ahead(pool: AsyncConnectionPool, uniqueid: str) -> int:
@@ -75,7 +76,7 @@ async def wait_in_line(call: Call, pool: AsyncConnectionPool, rec: CallRecord, s
     started = time.monotonic()
     said_place = None
     rec.step("hold", group=step.group.name, hold_seconds=step.group.hold_seconds)
-    await _db(join(pool, rec.uniqueid, step.group.id), rec)
+    await _db(join(pool, rec.uniqueid, step.group.id, rec.caller_number), rec)
     result: DialResult | None = None
     how, place = "timeout", 1
     try:

@@ -76,10 +76,14 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         await server.start()
         servers.append(server)
     api = None
+    live_task = None
     if "api" in parts:
-        from shopcall.api import start_api
+        from shopcall.api import LivePhones, start_api
 
-        api = await start_api(config, pool)
+        phones = LivePhones()
+        api = await start_api(config, pool, phones)
+        if pbx_for_live := live_pbx(config, parts):
+            live_task = asyncio.create_task(serve_live_phones(config, pbx_for_live, phones), name="live-phones")
     from shopcall import mailer, voicemail
 
     background = [
@@ -93,6 +97,8 @@ async def serve(config: Config, only: str | None = None, ready: asyncio.Event | 
         background.append(asyncio.create_task(
             watch(app.directory.group_cache, url, connect_timeout=config.database.connect_timeout),
             name="group-cache"))
+    if live_task:
+        background.append(live_task)
     pbx = callback_pbx(config, parts)
     if pbx:  # callback requests are offered to agents of the PBX whose calls this process serves
         background.append(asyncio.create_task(serve_callbacks(pool, config, pbx, url, app.screen_pop), name="callback-worker"))
@@ -149,6 +155,42 @@ def callback_pbx(config: Config, parts: list[str] | tuple[str, ...]) -> str | No
     if "esl" in parts and ("agi" not in parts or fs.dialler_enabled or fs.report_fallback):
         return "freeswitch"
     return "asterisk" if "agi" in parts else None  # which says, once, that asterisk.ami_secret is empty
+
+
+def live_pbx(config: Config, parts: list[str] | tuple[str, ...]) -> str | None:
+    """Which PBX the live view (GET /api/v1/live) asks about agents' phones: callbacks.pbx when it is set,
+    else Asterisk when AMI is configured, else FreeSWITCH when its calls or its dialler are served here."""
+    if config.callbacks.pbx != "auto":
+        return config.callbacks.pbx
+    if config.asterisk.ami_secret:
+        return "asterisk"
+    return "freeswitch" if "esl" in parts or config.freeswitch.dialler_enabled else None
+
+
+async def serve_live_phones(config: Config, pbx: str, holder) -> None:
+    """The live view's own link to the PBX, kept open (both clients reconnect by themselves): a slow answer
+    about phones must not hold up a call's or the callback worker's command on a shared link."""
+    if pbx == "asterisk":
+        if not config.asterisk.ami_secret:
+            log.info("live view: phones not asked: asterisk.ami_secret is empty")
+            return
+        from agi.agent_phones import AsteriskAgentPhones
+        from agi.ami import open_ami
+
+        link = await open_ami(config, "live view")
+        holder.phones = AsteriskAgentPhones(link, config)
+    else:
+        from esl.agent_phones import FreeswitchAgentPhones
+        from esl.client import open_event_socket
+
+        link = await open_event_socket(config, "live view")
+        holder.phones = FreeswitchAgentPhones(link, config)
+    log.info("live view: agents' phones asked of %s", pbx)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        holder.phones = None
+        await link.close()
 
 
 async def serve_callbacks(pool, config: Config, pbx: str, url: str, pop: ScreenPop | None = None) -> None:

@@ -278,6 +278,34 @@ async def test_real_asterisk_login_ping_coresettings(real_pbx) -> None:
         await bad.connect()
 
 
+@pytest.mark.slow
+async def test_the_live_view_keeps_its_own_link_to_the_real_asterisk(real_pbx) -> None:
+    from dataclasses import replace
+
+    from shopcall.api import LivePhones
+    from shopcall.config import AsteriskConfig, Config
+    from shopcall.serve import live_pbx, serve_live_phones
+
+    config = replace(Config.default(), asterisk=AsteriskConfig(
+        ami_port=real_pbx.ami_port, ami_user=real_pbx.ami_user, ami_secret=real_pbx.ami_secret))
+    assert live_pbx(config, ["api"]) == "asterisk" and live_pbx(Config.default(), ["api"]) is None
+    assert live_pbx(Config.default(), ["api", "esl"]) == "freeswitch"
+    holder = LivePhones()
+    task = asyncio.create_task(serve_live_phones(config, "asterisk", holder))
+    try:
+        for _ in range(100):
+            if holder.phones is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert holder.phones is not None
+        assert await holder.phones.phone_state("nobody") == "unavailable"  # no such endpoint: INVALID
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert holder.phones is None  # a stopped link is not asked
+
+
 async def test_reconnects_with_back_off_after_asterisk_restarts(peer: FakeAmi) -> None:
     c = AmiClient("127.0.0.1", peer.port, "shopcall", SECRET, timeout=0.3, reconnect_min=0.05, reconnect_max=0.2)
     await c.connect()

@@ -26,7 +26,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from shopcall.api import start_api
+from agi.agent_phones import AsteriskAgentPhones
+from agi.ami import open_ami
+from shopcall.api import LivePhones, start_api
 from shopcall.config import ApiConfig, load_config
 from shopcall.db import open_pool, stop_embedded
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, require_asterisk_root
@@ -423,7 +425,36 @@ async def test_a_caller_waits_in_line_for_the_agent_on_a_call(stack, db, agents)
     assert await a["agent2"].wait_for("ANSWERED", timeout=20) == 1, explain(stack, *a.values())
     # the group's only agent is talking: the second caller hears the notice and the hold music, and is
     # put through once agent2 has hung up on the first
-    second = await place_call("420", from_user="79165550008", pbx=stack["sip"], work_dir=stack["work"])
+    waiting = asyncio.create_task(place_call("420", from_user="79165550008", pbx=stack["sip"],
+                                             work_dir=stack["work"]))
+    # meanwhile a supervisor's live view (GET /api/v1/live) shows them in line and agent2 on a call,
+    # agent2's phone asked of the real Asterisk through AMI
+    pbx = stack["pbx"]
+    config = replace(load_config(stack["work"] / "shopcall.toml"), api=ApiConfig(port=0, tokens=("e2e-token",)))
+    config = replace(config, asterisk=replace(config.asterisk, ami_port=pbx.ami_port, ami_user=pbx.ami_user,
+                                              ami_secret=pbx.ami_secret))
+    ami = await open_ami(config, "test live view")
+    try:
+        async with open_pool(stack["url"], min_size=1, max_size=2) as pool:
+            api = await start_api(config, pool, LivePhones(AsteriskAgentPhones(ami, config)))
+            try:
+                async with aiohttp.ClientSession(f"http://127.0.0.1:{api.port}") as client:
+                    deadline = time.monotonic() + 15
+                    while True:
+                        resp = await client.get("/api/v1/live", headers={"Authorization": "Bearer e2e-token"})
+                        view = await resp.json()
+                        if view["waiting"] or time.monotonic() > deadline or waiting.done():
+                            break
+                        await asyncio.sleep(0.3)
+            finally:
+                await api.stop()
+    finally:
+        await ami.close()
+    assert [(w["group"], w["position"], w["caller_number"]) for w in view["waiting"]] == [
+        ("line", 1, "79165550008")], view
+    phones = {ag["endpoint"]: ag["phone"] for ag in view["agents"]}
+    assert phones["agent2"] == "on_call" and view["pbx_error"] is None, view
+    second = await waiting
     assert second.answered and (await first).answered, explain(stack, *a.values()) + second.log_tail
     assert await a["agent2"].wait_for("ANSWERED", count=2, timeout=5) == 2
     rows = {r["caller_e164"]: r for r in wait_row(db, 2)}
