@@ -17,7 +17,12 @@ itself saturates here.
 Target (issue 6): ratio ≥ 0.9 there, read as the capacity ratio (the best rate each side sustained in the
 sweep; see the end of main for why). CPU seconds per call of every process are printed beside it.
 
-    .venv/bin/python bench/e2e_ratio.py [--rates 20,40,60,80,100,120] [--seconds 10] [--pin] [--stub]   (root: the chroot)
+    .venv/bin/python bench/e2e_ratio.py [--rates 20,40,60,80,100,120] [--seconds 10] [--repeat 3] [--pin] [--stub]
+    (root: the chroot)
+
+--repeat N runs each side N times at each rate, taking turns, and reads each side's best run: near the
+limit a run falls off SIPp's cliff by chance (one lost message, a 60 s BYE timeout), and a single run per
+side then reads as a ratio anywhere from 0.2 to 5.
 
 --stub adds a third side: the same call through bench/agi_stub.py, a FastAGI server in its own process
 that sends our commands with no logic and no database, behind the include's three priorities. Its ratio
@@ -63,9 +68,15 @@ class Run:
     wall: float
     cpu: dict[str, float]  # CPU seconds by process kind (asterisk, shopcall, postgres, sipp) during the run
     t_share: float  # seconds from the start until SHARE of the calls had completed successfully
+    calls: int = -1  # with --repeat, the completed calls of all this side's runs at the rate (else ok)
+    failed_all: int = -1
+
+    def __post_init__(self) -> None:
+        self.calls = self.ok if self.calls < 0 else self.calls
+        self.failed_all = self.failed if self.failed_all < 0 else self.failed_all
 
     def cpu_per_call(self) -> str:
-        n = max(self.ok, 1)
+        n = max(self.calls, 1)
         return " ".join(f"{k} {1000 * v / n:.1f}" for k, v in self.cpu.items() if v > 0.005) + " ms/call"
 
     def sustained(self, length: float, n: int) -> float:
@@ -141,29 +152,43 @@ def count_rows(url: str, since_id: int) -> tuple[int, int]:
     return n, top
 
 
+def best_of(runs: list[Run], n: int) -> Run:
+    """The run of a side that did best at one rate (fewest lost, then soonest to SHARE), carrying the CPU
+    and calls of all its runs so CPU per call is still an average. A cliff is a chance event near the
+    limit (a lost SIP message and SIPp's 60 s BYE timeout): one run's cliff says little of what the PBX
+    sustains, the best of several does."""
+    best = min(runs, key=lambda r: (r.failed > 0 or r.ok < n, r.t_share))
+    cpu: dict[str, float] = {}
+    for r in runs:
+        for k, v in r.cpu.items():
+            cpu[k] = cpu.get(k, 0.0) + v
+    return Run(best.ok, best.failed, best.wall, cpu, best.t_share, calls=sum(r.ok for r in runs),
+               failed_all=sum(r.failed for r in runs))
+
+
 async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], seconds: float,
-                stub: bool = False) -> list[tuple]:
+                stub: bool = False, repeat: int = 1) -> list[tuple]:
     sip = f"127.0.0.1:{pbx.sip_port}"
     agent = SippAgent("agent1", pbx.agents["agent1"], work_dir=work, answer_after=0.2, hangup_after=0.5)
     await agent.start()
     out: list[tuple] = []
     last_id = 0
     length = 0.0
+    sides = [("plain", f"plain{NUMBER}"), ("agi", NUMBER)] + ([("stub", f"stub{NUMBER}")] if stub else [])
     try:
         for rate in rates:
             n = max(10, int(rate * seconds))
-            plain = await run_calls(sip, f"plain{NUMBER}", work, n, rate, f"plain-{rate}")
-            await asyncio.sleep(3)  # the previous run's last channels go away before the next starts
-            ours = await run_calls(sip, NUMBER, work, n, rate, f"agi-{rate}")
-            await asyncio.sleep(3)
-            bare = None
-            if stub:
-                bare = await run_calls(sip, f"stub{NUMBER}", work, n, rate, f"stub-{rate}")
-                await asyncio.sleep(3)
+            runs: dict[str, list[Run]] = {side: [] for side, _ in sides}
+            for round_ in range(repeat):  # the sides take turns, so a slow minute of the machine hits each
+                for side, exten in sides:
+                    runs[side].append(await run_calls(sip, exten, work, n, rate, f"{side}-{rate}-{round_}"))
+                    await asyncio.sleep(3)  # the previous run's last channels go away before the next starts
+            plain, ours = best_of(runs["plain"], n), best_of(runs["agi"], n)
+            bare = best_of(runs["stub"], n) if stub else None
             deadline = time.monotonic() + 30
             while True:  # rows are written just after each call's hangup
                 rows, top = count_rows(url, last_id)
-                if rows >= ours.ok or time.monotonic() > deadline:
+                if rows >= ours.calls or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.5)
             last_id = top
@@ -173,7 +198,8 @@ async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], second
             length = length if out[1:] else max(0.0, min(plain.t_share, ours.t_share) - SHARE * n / rate)
             out[-1] = (*out[-1][:5], length, bare)
             ps, os_ = plain.sustained(length, n), ours.sustained(length, n)
-            print(f"{rate:4d}/s {n:5d} calls | plain {plain.ok:5d} ok {plain.failed:4d} failed, 99 % in "
+            best = f"best of {repeat}: " if repeat > 1 else ""
+            print(f"{rate:4d}/s {n:5d} calls | {best}plain {plain.ok:5d} ok {plain.failed:4d} failed, 99 % in "
                   f"{plain.t_share:5.1f} s, all in {plain.wall:5.1f} s: sustained {ps:5.1f}/s | shopcall "
                   f"{ours.ok:5d} ok {ours.failed:4d} failed, 99 % in {ours.t_share:5.1f} s, all in "
                   f"{ours.wall:5.1f} s: sustained {os_:5.1f}/s, {rows} rows | ratio {os_ / max(ps, 1e-9):.2f}",
@@ -182,6 +208,9 @@ async def sweep(pbx: AsteriskPbx, work: Path, url: str, rates: list[int], second
                 bs = bare.sustained(length, n)
                 print(f"        stub FastAGI (no logic, no database): {bare.ok:5d} ok {bare.failed:4d} failed, 99 % in "
                       f"{bare.t_share:5.1f} s: sustained {bs:5.1f}/s | ratio {bs / max(ps, 1e-9):.2f}", flush=True)
+            if repeat > 1:
+                print("        every run's 99 % time: " + " | ".join(
+                    f"{side} " + " ".join(f"{r.t_share:.1f}" for r in rs) for side, rs in runs.items()), flush=True)
             print(f"        CPU per call: plain {plain.cpu_per_call()} | shopcall {ours.cpu_per_call()}"
                   + (f" | stub {bare.cpu_per_call()}" if bare is not None else ""), flush=True)
             if saturated(plain, n, rate):
@@ -201,6 +230,9 @@ def main() -> int:
     ap.add_argument("--stub", action="store_true",
                     help="a third side: the same call through a FastAGI stub with no logic and no database "
                          "(bench/agi_stub.py), what any FastAGI server costs here")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each side at each rate, taking turns; a side's figure is its best run "
+                         "(a SIPp cliff is a chance event near the limit)")
     ap.add_argument("--pin", action="store_true",
                     help="Asterisk alone on core 0; SIPp, shopcall and PostgreSQL on the other cores (needs 2+)")
     args = ap.parse_args()
@@ -246,7 +278,8 @@ exten => plain{NUMBER},1,Answer()
                       "shopcall serve, PostgreSQL and SIPp on the others")
             else:
                 print(f"cores: {os.cpu_count()}; Asterisk 22, shopcall serve, PostgreSQL and SIPp on the same machine")
-            results = asyncio.run(sweep(pbx, work, svc.url, rates, args.seconds, stub=args.stub))
+            results = asyncio.run(sweep(pbx, work, svc.url, rates, args.seconds, stub=args.stub,
+                                         repeat=max(1, args.repeat)))
         finally:
             pbx.stop()
             if stub_proc:
@@ -266,7 +299,7 @@ exten => plain{NUMBER},1,Answer()
     # Past saturation the pace of either side swings from run to run, so the ratio at that one rate says
     # little. The figure is the capacity ratio: the best rate each side sustained anywhere in the sweep.
     ratio = best["shopcall"] / max(best["plain"], 1e-9)
-    cpu = {name: sum(sum(r[k].cpu.values()) for r in results) / max(sum(r[k].ok for r in results), 1)
+    cpu = {name: sum(sum(r[k].cpu.values()) for r in results) / max(sum(r[k].calls for r in results), 1)
            for name, k in sides}
     print(f"CPU per call, all processes: plain {1000 * cpu['plain']:.1f} ms, shopcall {1000 * cpu['shopcall']:.1f}"
           f" ms: where every process shares the cores, a CPU-bound capacity ratio of "
@@ -276,13 +309,13 @@ exten => plain{NUMBER},1,Answer()
               f"{cpu['plain'] / max(cpu['stub'], 1e-9):.2f}")
     print(f"target: capacity ratio >= {TARGET_RATIO} once Asterisk saturates "
           f"({'reached' if saturated(plain, n, rate) else 'not reached, highest rate tried'}: {rate}/s)")
-    all_rows = all(r[4] == r[3].ok for r in results)  # every call we completed has its row
+    all_rows = all(r[4] == r[3].calls for r in results)  # every call we completed has its row
     ok = ratio >= TARGET_RATIO and all_rows
     if len(results) == 1 and saturated(plain, n, rate):
         verdict = "INCONCLUSIVE (lower the first of --rates)"
     else:
         verdict = ("PASS" if ok else "MISS") if saturated(plain, n, rate) else "INCONCLUSIVE (raise --rates)"
-    print(f"{verdict}: capacity ratio {ratio:.2f}, {sum(r[3].failed for r in results)} of our calls failed, "
+    print(f"{verdict}: capacity ratio {ratio:.2f}, {sum(r[3].failed_all for r in results)} of our calls failed, "
           f"rows {'= calls' if all_rows else '!= calls'} at every rate (work dir {work})")
     return 0 if ok else 1
 

@@ -159,12 +159,17 @@ def callback_pbx(config: Config, parts: list[str] | tuple[str, ...]) -> str | No
 
 def live_pbx(config: Config, parts: list[str] | tuple[str, ...]) -> str | None:
     """Which PBX the live view (GET /api/v1/live) asks about agents' phones: callbacks.pbx when it is set,
-    else Asterisk when AMI is configured, else FreeSWITCH when its calls or its dialler are served here."""
+    else Asterisk when AMI is configured, else FreeSWITCH when this process talks to its event socket anyway
+    (as for callbacks: its calls alone, its dialler or its fallback reports), else none: an Asterisk shop
+    without AMI is not sent looking for a FreeSWITCH it does not have."""
     if config.callbacks.pbx != "auto":
         return config.callbacks.pbx
     if config.asterisk.ami_secret:
         return "asterisk"
-    return "freeswitch" if "esl" in parts or config.freeswitch.dialler_enabled else None
+    fs = config.freeswitch
+    if fs.dialler_enabled or fs.report_fallback or ("esl" in parts and "agi" not in parts):
+        return "freeswitch"
+    return None
 
 
 async def serve_live_phones(config: Config, pbx: str, holder) -> None:

@@ -290,6 +290,7 @@ async def test_the_live_view_keeps_its_own_link_to_the_real_asterisk(real_pbx) -
         ami_port=real_pbx.ami_port, ami_user=real_pbx.ami_user, ami_secret=real_pbx.ami_secret))
     assert live_pbx(config, ["api"]) == "asterisk" and live_pbx(Config.default(), ["api"]) is None
     assert live_pbx(Config.default(), ["api", "esl"]) == "freeswitch"
+    assert live_pbx(Config.default(), ["api", "agi", "esl"]) is None  # `shopcall serve` without AMI
     holder = LivePhones()
     task = asyncio.create_task(serve_live_phones(config, "asterisk", holder))
     try:
