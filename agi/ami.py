@@ -373,12 +373,16 @@ class AmiClient:
         return (await self.getvar(f"DEVICE_STATE({device})")) or "UNKNOWN"
 
 
-async def open_ami(config: Config, purpose: str) -> AmiClient:
-    """A client of asterisk.ami_*, connected: waits out an Asterisk that is not there yet (start-up)."""
+async def open_ami(config: Config, purpose: str, *, wait: bool = True) -> AmiClient:
+    """A client of asterisk.ami_*, connected: waits out an Asterisk that is not there yet (start-up), or
+    with wait=False tries once and raises (OSError, TimeoutError, AmiError)."""
     from shopcall.backoff import keep_trying
 
     ast = config.asterisk
     ami = AmiClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+    if not wait:
+        await ami.connect()
+        return ami
     await keep_trying(ami.connect, f"{purpose}: AMI at {ast.ami_host}:{ast.ami_port}", (OSError, TimeoutError, AmiError))
     return ami
 

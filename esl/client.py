@@ -98,14 +98,17 @@ class EslClient:
 
     # -- connection -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, retry: bool = True) -> None:
         """Connect and authenticate. A wrong password raises EslAuthError; a FreeSWITCH that cannot be
-        reached is retried in the background with back-off (commands wait for it up to their timeout)."""
+        reached is retried in the background with back-off (commands wait for it up to their timeout),
+        or, with retry=False (a one-off command), raises."""
         try:
             await self._connect_once()
         except EslAuthError:
             raise
         except (OSError, PbxError, EslConnectionClosed) as exc:
+            if not retry:
+                raise
             log.warning("FreeSWITCH %s:%s not reachable yet (%s): retrying in the background",
                         self.host, self.port, exc)
             self._lost.set()
@@ -288,14 +291,18 @@ class EslClient:
 
 
 async def open_event_socket(config: Config, purpose: str, *, events: tuple[str, ...] = EVENTS,
-                            listeners: Sequence[Callable[[Event], None]] = ()) -> EslClient:
-    """A client of freeswitch.esl_*, started: waits out a FreeSWITCH that is not there yet (start-up)."""
+                            listeners: Sequence[Callable[[Event], None]] = (), wait: bool = True) -> EslClient:
+    """A client of freeswitch.esl_*, started: waits out a FreeSWITCH that is not there yet (start-up), or
+    with wait=False tries once and raises (OSError, TimeoutError, PbxError, EslConnectionClosed)."""
     from shopcall.backoff import keep_trying
 
     fs = config.freeswitch
     client = EslClient(fs.esl_host, fs.esl_port, fs.esl_password, command_timeout=config.esl.command_timeout,
                        events=events)
     client.listeners.extend(listeners)  # before start: no event may arrive unheard
+    if not wait:
+        await client.start(retry=False)
+        return client
     await keep_trying(client.start, f"{purpose}: FreeSWITCH event socket at {fs.esl_host}:{fs.esl_port}",
                       (OSError, TimeoutError, PbxError))
     return client

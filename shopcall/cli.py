@@ -13,7 +13,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from shopcall.config import ConfigError, check_config, load_config
+from shopcall.config import Config, ConfigError, check_config, load_config
 
 
 def _setup_logging(level: str) -> None:
@@ -75,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("action", choices=("login", "logout", "pause", "unpause", "list"))
     ag.add_argument("endpoint", nargs="?", help="the agent's endpoint (not for list)")
 
-    lv = sub.add_parser("live", help="now: who waits in line and each agent's state (phones: GET /api/v1/live)")
+    lv = sub.add_parser("live", help="now: who waits in line, each agent's state and phone (asked of the PBX)")
     lv.add_argument("--json", action="store_true", help="the API's JSON instead of text")
+    lv.add_argument("--no-phones", action="store_true", help="the database's view only: do not ask the PBX")
 
     st = sub.add_parser("stats", help="missed calls, answer rate, wait, callbacks, survey scores for a range")
     st.add_argument("--from", dest="first", type=date.fromisoformat, help="first day (default: today)")
@@ -200,7 +201,7 @@ async def _run(args: argparse.Namespace, config) -> int:
 
         url = await db.resolve_url(config.database.url, config.pgdata)
         async with db.open_pool(url, min_size=1, max_size=1) as pool:
-            view = await live.snapshot(pool, None)  # the API's process keeps the PBX link for phones
+            view = await _live_view(config, pool, ask_pbx=not args.no_phones)
         print(json.dumps(view, default=str, ensure_ascii=False, indent=1) if args.json else live.as_text(view))
         return 0
 
@@ -334,6 +335,29 @@ async def _click_to_call(config, args: argparse.Namespace) -> int:
     print(f"request {row['id']}: {row['agent_wanted']}'s phone rings when free (within "
           f"{config.callbacks.click_wait_seconds} s), then {row['phone']} is dialled")
     return 0
+
+
+async def _live_view(config: Config, pool, *, ask_pbx: bool) -> dict:
+    """`shopcall live`: the view with phones asked over a link of its own, opened once for this command
+    (the PBX that `shopcall serve` would ask, see serve.live_pbx); a PBX not there is said, not waited for."""
+    from shopcall import live
+    from shopcall.serve import AVAILABLE, live_pbx, open_live_phones
+
+    pbx = live_pbx(config, AVAILABLE) if ask_pbx else None
+    if pbx == "asterisk" and not config.asterisk.ami_secret:
+        pbx = None
+    if pbx is None:
+        return await live.snapshot(pool, None)
+    try:
+        phones, link = await asyncio.wait_for(open_live_phones(config, pbx, wait=False), 5)
+    except Exception as exc:  # whatever the PBX did, the line and the agents are still worth printing
+        view = await live.snapshot(pool, None)
+        view["pbx_error"] = f"could not reach {pbx}: {type(exc).__name__}: {exc}"
+        return view
+    try:
+        return await live.snapshot(pool, phones)
+    finally:
+        await link.close()
 
 
 async def _agent(config, action: str, endpoint: str | None) -> int:

@@ -172,24 +172,29 @@ def live_pbx(config: Config, parts: list[str] | tuple[str, ...]) -> str | None:
     return None
 
 
-async def serve_live_phones(config: Config, pbx: str, holder) -> None:
-    """The live view's own link to the PBX, kept open (both clients reconnect by themselves): a slow answer
-    about phones must not hold up a call's or the callback worker's command on a shared link."""
+async def open_live_phones(config: Config, pbx: str, *, wait: bool = True):
+    """The live view's phone states and the link they are asked over, (phones, link): waits out a PBX not
+    there yet (the API process), or with wait=False tries once and raises (`shopcall live`)."""
     if pbx == "asterisk":
-        if not config.asterisk.ami_secret:
-            log.info("live view: phones not asked: asterisk.ami_secret is empty")
-            return
         from agi.agent_phones import AsteriskAgentPhones
         from agi.ami import open_ami
 
-        link = await open_ami(config, "live view")
-        holder.phones = AsteriskAgentPhones(link, config)
-    else:
-        from esl.agent_phones import FreeswitchAgentPhones
-        from esl.client import open_event_socket
+        link = await open_ami(config, "live view", wait=wait)
+        return AsteriskAgentPhones(link, config), link
+    from esl.agent_phones import FreeswitchAgentPhones
+    from esl.client import open_event_socket
 
-        link = await open_event_socket(config, "live view")
-        holder.phones = FreeswitchAgentPhones(link, config)
+    link = await open_event_socket(config, "live view", wait=wait)
+    return FreeswitchAgentPhones(link, config), link
+
+
+async def serve_live_phones(config: Config, pbx: str, holder) -> None:
+    """The live view's own link to the PBX, kept open (both clients reconnect by themselves): a slow answer
+    about phones must not hold up a call's or the callback worker's command on a shared link."""
+    if pbx == "asterisk" and not config.asterisk.ami_secret:
+        log.info("live view: phones not asked: asterisk.ami_secret is empty")
+        return
+    holder.phones, link = await open_live_phones(config, pbx)
     log.info("live view: agents' phones asked of %s", pbx)
     try:
         await asyncio.Event().wait()

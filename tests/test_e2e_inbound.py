@@ -29,6 +29,7 @@ from psycopg.rows import dict_row
 from agi.agent_phones import AsteriskAgentPhones
 from agi.ami import open_ami
 from shopcall.api import LivePhones, start_api
+from shopcall.cli import _live_view
 from shopcall.config import ApiConfig, load_config
 from shopcall.db import open_pool, stop_embedded
 from tests.pbx import DEFAULT_ROOT, AsteriskPbx, require_asterisk_root
@@ -446,10 +447,13 @@ async def test_a_caller_waits_in_line_for_the_agent_on_a_call(stack, db, agents)
                         if view["waiting"] or time.monotonic() > deadline or waiting.done():
                             break
                         await asyncio.sleep(0.3)
+                cli_view = await _live_view(config, pool, ask_pbx=True)  # `shopcall live`: a link of its own
             finally:
                 await api.stop()
     finally:
         await ami.close()
+    assert [w["caller_number"] for w in cli_view["waiting"]] == ["79165550008"], cli_view
+    assert {ag["endpoint"]: ag["phone"] for ag in cli_view["agents"]}["agent2"] == "on_call", cli_view
     assert [(w["group"], w["position"], w["caller_number"]) for w in view["waiting"]] == [
         ("line", 1, "79165550008")], view
     phones = {ag["endpoint"]: ag["phone"] for ag in view["agents"]}

@@ -119,3 +119,21 @@ def test_the_cli_prints_the_line(floor, pg_url, tmp_path):
     assert [w["caller_number"] for w in view["waiting"]] == ["79161234567", None, '"Ivan" <100>']
     text = shopcall("live", config=cfg).stdout
     assert text.startswith("waiting in line:") and "anna" in text
+
+
+def test_the_cli_says_a_pbx_it_cannot_reach_and_still_prints_the_line(floor, pg_url, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: an Asterisk that is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "shopcall.toml"
+    cfg.write_text(f'[paths]\ndata_dir = "{tmp_path}"\n[database]\nurl = "{pg_url}"\n'
+                   f'[asterisk]\nami_port = {port}\nami_secret = "s3cret"\n')
+    out = shopcall("live", config=cfg)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("waiting in line:") and "anna" in out.stdout
+    assert "phones: could not reach asterisk: " in out.stdout and "Connection refused" in out.stdout
+    quiet = shopcall("live", "--no-phones", "--json", config=cfg)
+    view = json.loads(quiet.stdout)
+    assert not view["phones_asked"] and view["pbx_error"] is None
