@@ -344,8 +344,6 @@ async def _live_view(config: Config, pool, *, ask_pbx: bool) -> dict:
     from shopcall.serve import AVAILABLE, live_pbx, open_live_phones
 
     pbx = live_pbx(config, AVAILABLE) if ask_pbx else None
-    if pbx == "asterisk" and not config.asterisk.ami_secret:
-        pbx = None
     if pbx is None:
         return await live.snapshot(pool, None)
     try:

@@ -161,7 +161,11 @@ def live_pbx(config: Config, parts: list[str] | tuple[str, ...]) -> str | None:
     """Which PBX the live view (GET /api/v1/live) asks about agents' phones: callbacks.pbx when it is set,
     else Asterisk when AMI is configured, else FreeSWITCH when this process talks to its event socket anyway
     (as for callbacks: its calls alone, its dialler or its fallback reports), else none: an Asterisk shop
-    without AMI is not sent looking for a FreeSWITCH it does not have."""
+    without AMI is not sent looking for a FreeSWITCH it does not have, and Asterisk without
+    asterisk.ami_secret is not asked at all (by the API process nor by `shopcall live`)."""
+    if config.callbacks.pbx == "asterisk" and not config.asterisk.ami_secret:
+        log.info("live view: phones not asked: asterisk.ami_secret is empty")
+        return None
     if config.callbacks.pbx != "auto":
         return config.callbacks.pbx
     if config.asterisk.ami_secret:
@@ -191,9 +195,6 @@ async def open_live_phones(config: Config, pbx: str, *, wait: bool = True):
 async def serve_live_phones(config: Config, pbx: str, holder) -> None:
     """The live view's own link to the PBX, kept open (both clients reconnect by themselves): a slow answer
     about phones must not hold up a call's or the callback worker's command on a shared link."""
-    if pbx == "asterisk" and not config.asterisk.ami_secret:
-        log.info("live view: phones not asked: asterisk.ami_secret is empty")
-        return
     holder.phones, link = await open_live_phones(config, pbx)
     log.info("live view: agents' phones asked of %s", pbx)
     try:
