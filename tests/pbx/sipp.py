@@ -450,6 +450,13 @@ class SippAgent:
     def hangups(self) -> int:
         return self._count("HANGUP")
 
+    def aborted(self) -> int:
+        """Calls SIPp gave up on ("Aborting call on unexpected message"): a harness fault, not the PBX's,
+        that leaves the PBX's leg up until the caller's own BYE timeout."""
+        if not self.errors_file.exists():
+            return 0
+        return self.errors_file.read_bytes().count(b"Aborting call on unexpected message")
+
     async def wait_for(self, kind: str, count: int = 1, timeout: float = 5.0) -> int:
         """Wait until `kind` (INVITE, ANSWERED, CANCELLED, HANGUP) was logged `count` times."""
         deadline = time.monotonic() + timeout
