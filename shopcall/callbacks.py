@@ -11,7 +11,8 @@ Life of a request: pending --claim--> in_progress --agent answers--> (flow) done
 Several workers (processes, hosts) may run this at once: a request is claimed with FOR UPDATE SKIP LOCKED
 and the agent under an advisory lock, and the claim is committed before the Originate, so a request is
 never dialled twice at the same time and an agent never gets two callbacks at once. A request whose
-worker died (in_progress too long) is given back by `reconcile`.
+worker died (in_progress too long) is given back by `reconcile`. A round shares all due requests out at once
+(`claim_due`), so a request of a group gets a free member of it even when an older request is due too.
 
 A click to call (the CRM's POST /api/v1/calls, `click_to_call`) is a request for one agent (agent_wanted),
 offered before the others as soon as that agent's phone is free; a NOTIFY wakes the workers. One the CRM
@@ -91,19 +92,23 @@ class CallbackError(Exception):
         self.field = field
 
 
-# a click to call first (the agent is waiting for it), then the oldest due
-_CLAIM = """
+# the due requests a round may share out, a click to call first (the agent is waiting for it), then the
+# oldest due; many more than a round gives out, so that a group's request is seen behind older ones, but
+# bounded, so that a large backlog is not locked whole every round
+_DUE = """
 SELECT id, phone, group_id, agent_wanted, reason, customer_id, external_ref FROM callback_requests
-WHERE status = 'pending' AND due_at <= now() AND NOT (id = ANY(%s))
-ORDER BY (agent_wanted IS NULL), due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+WHERE status = 'pending' AND due_at <= now()
+ORDER BY (agent_wanted IS NULL), due_at, id LIMIT %s FOR UPDATE SKIP LOCKED
 """
-# the request's group first, then anyone; agents already ringing for (or talking on) a callback are out
-_CANDIDATES = """
-SELECT e.endpoint FROM employees e
-LEFT JOIN group_members gm ON gm.employee_id = e.id AND gm.group_id = %s
+DUE_PER_OFFER = 10  # requests looked at per offer a round may make
+# agents who may take a queued request, least recently called first, a row per group they are in;
+# agents already ringing for (or talking on) a callback are out (_AGENT_BUSY)
+_AGENTS = """
+SELECT e.endpoint, gm.group_id, gm.position FROM employees e
+LEFT JOIN group_members gm ON gm.employee_id = e.id
 WHERE e.logged_in AND NOT e.paused
   AND (e.last_call_ended_at IS NULL OR e.last_call_ended_at <= now() - make_interval(secs => %s))
-ORDER BY (gm.group_id IS NULL), gm.position, e.last_call_at NULLS FIRST, e.id
+ORDER BY e.last_call_at NULLS FIRST, e.id
 """
 _AGENT_BUSY = "SELECT 1 FROM callback_requests WHERE status = 'in_progress' AND agent_endpoint = %s"
 # what the API shows of a request (GET /api/v1/callbacks, a click to call's answer)
@@ -126,35 +131,75 @@ def shown_to_agent(phone: str) -> tuple[str, str]:
     return number, presentable("Callback " + number)
 
 
-async def claim(pool: AsyncConnectionPool, phones: AgentPhones, *, exclude: list[int] | None = None,
-                wrapup: int = 0) -> Offer | None:
-    """Take the first due request and a free agent for it; None when there is no request or no agent.
-    A click to call goes to its agent only; while that phone is busy the other requests still go. Agents
-    whose last call ended less than `wrapup` seconds ago are not offered a queued request."""
-    skipped = list(exclude or [])
+async def claim(pool: AsyncConnectionPool, phones: AgentPhones, *, wrapup: int = 0) -> Offer | None:
+    """One due request and a free agent for it (claim_due with a limit of one); None when there is none."""
+    offers = await claim_due(pool, phones, limit=1, wrapup=wrapup)
+    return offers[0] if offers else None
+
+
+async def claim_due(pool: AsyncConnectionPool, phones: AgentPhones, *, limit: int = 20,
+                    wrapup: int = 0) -> list[Offer]:
+    """Share the due requests out among the free agents, at most `limit`, and claim them (committed on return).
+    A click to call goes first, to its agent only; while that phone is busy the other requests still go.
+    Then each queued request gets a free member of its group whenever one exists, even if an older request
+    is due (oldest first among one group's); the rest, oldest first, take the agents left. Agents whose
+    last call ended less than `wrapup` seconds ago are not offered a queued request."""
     async with pool.connection() as conn, conn.transaction():
-        while True:
-            row = await (await conn.execute(_CLAIM, (skipped,))).fetchone()
-            if row is None:
-                return None
-            wanted = row["agent_wanted"]
-            if wanted:  # asked for by the agent: logged out or paused does not matter
-                candidates = [wanted]
-            else:
-                candidates = [c["endpoint"] for c in
-                              await (await conn.execute(_CANDIDATES, (row["group_id"], wrapup))).fetchall()]
-            for endpoint in candidates:
-                if await _agent_free(conn, phones, endpoint):
-                    upd = await (await conn.execute(
-                        """UPDATE callback_requests SET status = 'in_progress', attempts = attempts + 1,
-                           claimed_at = now(), agent_endpoint = %s, connected_at = NULL
-                           WHERE id = %s RETURNING attempts""", (endpoint, row["id"]))).fetchone()
-                    assert upd is not None
-                    return Offer(row["id"], row["phone"], endpoint, upd["attempts"], row["reason"],
-                                 row["customer_id"], row["external_ref"])
-            if not wanted:
-                return None  # any free agent may take any queued request: none for this one, none for the rest
-            skipped.append(row["id"])
+        due = await (await conn.execute(_DUE, (limit * DUE_PER_OFFER,))).fetchall()
+        rows = await (await conn.execute(_AGENTS, (wrapup,))).fetchall() if due else []
+        known: dict[str, bool] = {}
+
+        async def free(endpoint: str) -> bool:  # the PBX is asked about a phone once a round, when needed
+            if endpoint not in known:
+                known[endpoint] = await _agent_free(conn, phones, endpoint)
+            return known[endpoint]
+
+        given: dict[str, dict] = {}  # agent → request
+        for row in due:
+            wanted = row["agent_wanted"]  # asked for by the agent: logged out, paused or resting does not matter
+            if wanted and len(given) < limit and wanted not in given and await free(wanted):
+                given[wanted] = row
+        clicked = set(given)
+        members: dict[int, list[str]] = {}  # the group's line: position, then least recently called
+        for r in sorted((r for r in rows if r["group_id"] is not None), key=lambda r: r["position"]):
+            members.setdefault(r["group_id"], []).append(r["endpoint"])
+
+        async def to_member(row: dict, seen: set[str]) -> bool:
+            # a free member of the request's group; one an older request holds changes hands if that request
+            # can move to another member of its own group (an agent may be in several)
+            for endpoint in members.get(row["group_id"], []):
+                if endpoint not in seen:
+                    seen.add(endpoint)
+                    if await free(endpoint) and (endpoint not in given or await to_member(given[endpoint], seen)):
+                        given[endpoint] = row
+                        return True
+            return False
+
+        queued = [row for row in due if not row["agent_wanted"]]
+        for row in queued:
+            if len(given) < limit:
+                await to_member(row, set(clicked))
+        # a group request left over has no free member left, so the agents left are nobody's last hope
+        placed = {row["id"] for row in given.values()}
+        spare = list(dict.fromkeys(r["endpoint"] for r in rows if r["endpoint"] not in given))
+        for row in (row for row in queued if row["id"] not in placed):
+            if len(given) >= limit:
+                break
+            while spare and not await free(spare[0]):
+                spare.pop(0)
+            if not spare:
+                break  # any free agent may take any queued request: none for this one, none for the rest
+            given[spare.pop(0)] = row
+        offers = []
+        for endpoint, row in given.items():
+            upd = await (await conn.execute(
+                """UPDATE callback_requests SET status = 'in_progress', attempts = attempts + 1,
+                   claimed_at = now(), agent_endpoint = %s, connected_at = NULL
+                   WHERE id = %s RETURNING attempts""", (endpoint, row["id"]))).fetchone()
+            assert upd is not None
+            offers.append(Offer(row["id"], row["phone"], endpoint, upd["attempts"], row["reason"],
+                                row["customer_id"], row["external_ref"]))
+        return offers
 
 
 async def _agent_free(conn: psycopg.AsyncConnection, phones: AgentPhones, endpoint: str) -> bool:
@@ -291,13 +336,7 @@ async def dial(pool: AsyncConnectionPool, config: Config, phones: AgentPhones, o
 async def offer_due(pool: AsyncConnectionPool, config: Config, phones: AgentPhones, *, limit: int = 20,
                     pop: ScreenPop | None = None) -> list[Offer]:
     """Claim due requests while free agents last, ring them all at once, and wait for every outcome."""
-    offers: list[Offer] = []
-    while len(offers) < limit:
-        offer = await claim(pool, phones, exclude=[o.request_id for o in offers],
-                            wrapup=config.inbound.wrapup_seconds)
-        if offer is None:
-            break  # any free agent may take any request: none free for this one means none for the rest
-        offers.append(offer)
+    offers = await claim_due(pool, phones, limit=limit, wrapup=config.inbound.wrapup_seconds)
     if offers:
         await asyncio.gather(*(dial(pool, config, phones, o, pop) for o in offers))
     return offers

@@ -39,8 +39,10 @@ class FakeAmi:
         self.result = result or OriginateResult(True, 4)
         self.delay, self.error = delay, error
         self.originated: list[dict] = []
+        self.asked: list[str] = []
 
     async def device_state(self, device: str) -> str:
+        self.asked.append(device)
         await asyncio.sleep(0.01)  # a round trip: lets concurrent workers interleave
         return self.states.get(device, "NOT_INUSE")
 
@@ -114,6 +116,79 @@ async def test_concurrent_workers_never_dial_one_request_twice(loaded, pool):
     again = await callbacks.offer_due(pool, make_config(), asterisk(FakeAmi()))
     assert [o.endpoint for o in again] == [
         e for e in ("agent1", "agent2", "agent3", "agent4") if f"PJSIP/{e}" not in agents]
+
+
+def given(offers: list[callbacks.Offer]) -> set[tuple[int, str]]:
+    return {(o.request_id, o.endpoint) for o in offers}
+
+
+async def test_a_group_request_gets_its_groups_free_member_though_an_older_request_without_a_group_is_due(
+        loaded, pool):
+    # seen on a PBX: the older request without a group took agent2 (first in line, and delivery's only free
+    # member) and delivery's request went to agent4 of accounting
+    older = await add_request(loaded, phone="+79160000001", group=None, due="now() - interval '1 hour'")
+    delivery = await add_request(loaded, phone="+79160000002")
+    ami = FakeAmi(states={"PJSIP/agent1": "INUSE", "PJSIP/agent3": "INUSE"})
+    offers = await callbacks.offer_due(pool, make_config(), asterisk(ami))
+    assert given(offers) == {(delivery, "agent2"), (older, "agent4")}
+    assert sorted(ami.asked) == [f"PJSIP/agent{i}" for i in (1, 2, 3, 4)]  # each phone asked about once
+
+
+async def test_the_only_free_agent_goes_to_their_groups_request_before_an_older_one_without_a_group(loaded, pool):
+    older = await add_request(loaded, phone="+79160000001", group=None, due="now() - interval '1 hour'")
+    delivery = await add_request(loaded, phone="+79160000002")
+    busy = {f"PJSIP/agent{i}": "INUSE" for i in (1, 3, 4)}
+    assert given(await callbacks.offer_due(pool, make_config(), asterisk(FakeAmi(states=busy)))) == {
+        (delivery, "agent2")}
+    assert (await request(loaded, older))["status"] == "pending"  # any agent may take it: the next one free
+
+
+async def test_two_groups_each_get_their_only_free_member_whatever_the_age_order(loaded, pool):
+    await loaded.execute("DELETE FROM group_members WHERE employee_id = (SELECT id FROM employees "
+                         "WHERE endpoint = 'agent3')")  # agent3: in no group
+    delivery = await add_request(loaded, phone="+79160000001", due="now() - interval '3 hours'")
+    accounting = await add_request(loaded, phone="+79160000002", group="accounting", due="now() - interval '2 hours'")
+    sales = await add_request(loaded, phone="+79160000003", group="sales", due="now() - interval '1 hour'")
+    ami = FakeAmi(states={"PJSIP/agent2": "INUSE"})  # delivery has no free member: its request takes agent3
+    offers = await callbacks.offer_due(pool, make_config(), asterisk(ami))
+    assert given(offers) == {(delivery, "agent3"), (accounting, "agent4"), (sales, "agent1")}
+
+
+async def test_an_agent_in_two_groups_is_left_to_the_group_only_they_can_serve(loaded, pool):
+    await loaded.execute("""INSERT INTO group_members (group_id, employee_id, position)
+                            SELECT g.id, e.id, -1 FROM groups g, employees e
+                            WHERE g.name = 'delivery' AND e.endpoint = 'agent1'""")  # first in delivery's line
+    delivery = await add_request(loaded, phone="+79160000001", due="now() - interval '1 hour'")
+    sales = await add_request(loaded, phone="+79160000002", group="sales")
+    ami = FakeAmi(states={"PJSIP/agent3": "INUSE", "PJSIP/agent4": "INUSE"})
+    offers = await callbacks.offer_due(pool, make_config(), asterisk(ami))
+    assert given(offers) == {(delivery, "agent2"), (sales, "agent1")}
+
+
+async def test_a_group_without_a_free_member_gets_an_outsider_not_another_groups_only_one(loaded, pool):
+    await loaded.execute("UPDATE employees SET last_call_at = now() WHERE endpoint = 'agent1'")  # agent4 first in line
+    delivery = await add_request(loaded, phone="+79160000001", due="now() - interval '1 hour'")
+    accounting = await add_request(loaded, phone="+79160000002", group="accounting")
+    ami = FakeAmi(states={"PJSIP/agent2": "INUSE", "PJSIP/agent3": "INUSE"})
+    offers = await callbacks.offer_due(pool, make_config(), asterisk(ami))
+    assert given(offers) == {(delivery, "agent1"), (accounting, "agent4")}
+
+
+async def test_a_click_to_call_still_goes_first_and_only_to_its_agent(loaded, pool):
+    queued = await add_request(loaded, phone="+79160000001", due="now() - interval '1 hour'")  # delivery's
+    click = (await callbacks.click_to_call(pool, "agent2", "+79160000002"))["id"]
+    ami = FakeAmi(states={"PJSIP/agent3": "INUSE"})  # agent2 is delivery's only free member: the click's still
+    [first] = await callbacks.offer_due(pool, make_config(), asterisk(ami), limit=1)
+    assert (first.request_id, first.endpoint) == (click, "agent2")
+    [then] = await callbacks.offer_due(pool, make_config(), asterisk(ami))
+    assert (then.request_id, then.endpoint) == (queued, "agent1")
+    # a click whose agent is busy waits for them; the others go on without that agent
+    await loaded.execute("UPDATE callback_requests SET status = 'done'")
+    other = await add_request(loaded, phone="+79160000003", group="accounting")
+    click = (await callbacks.click_to_call(pool, "agent4", "+79160000004"))["id"]
+    ami = FakeAmi(states={"PJSIP/agent4": "INUSE"})
+    assert [o.request_id for o in await callbacks.offer_due(pool, make_config(), asterisk(ami))] == [other]
+    assert (await request(loaded, click))["status"] == "pending"
 
 
 async def test_no_answer_retries_later_then_fails_after_max_attempts(loaded, pool):
