@@ -141,8 +141,12 @@ class AgiCall(Call):
     async def ring(
         self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None
     ) -> DialResult:
-        if caller_name is not None:
-            await self.set_var("CALLERID(name)", caller_name)
+        # the agents' legs inherit the caller's name as Asterisk holds it: a PJSIP display name keeps its
+        # escapes there (`\\"`), which PJSIP would escape again, so agents saw backslashes; set it
+        # whenever what they are to see is not that raw name
+        shown = caller_name if caller_name is not None else self.info.caller_name
+        if shown and shown != self.info.extra.get("agi_calleridname", shown):
+            await self.set_var("CALLERID(name)", shown)
         if strategy == DialStrategy.RINGALL:
             return await self._dial_once(names, timeout)
         result = DialResult(DialStatus.NOANSWER)

@@ -94,6 +94,7 @@ SAY_SECONDS = 20.0  # a say plays a handful of short files; a date, the longest,
 _DIGITS = re.compile(r"[0-9]{1,64}")
 # the languages we speak through mod_say, and the currencies each one names (its `currency` variable)
 _SAY_CURRENCY = {"ru": {"RUB": "ruble", "USD": "dollar"}, "en": {"USD": ""}}
+AGENT_VARIABLE = "shopcall_agent"  # on each agent's leg of our bridges: whose phone it is
 AMD_VARIABLE = "shopcall_amd"  # "1": the dialler's originate asks for AMD (the campaign's amd)
 AVMD_BEEP = "avmd::beep"  # mod_avmd's CUSTOM event (Beep-Status: DETECTED); it also sets avmd_detect=TRUE
 AMD_SILENCE_FRAMES = 40  # 20 ms frames: 0.8 s of silence after speech ends the wait (AMD's afterGreetingSilence)
@@ -269,8 +270,11 @@ class EslCall(Call):
         self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None
     ) -> DialResult:
         await self._prepare_bridge()
-        if caller_name is not None:
-            await self._ensure("effective_caller_id_name", protocol.app_text(caller_name))
+        # each leg inherits the caller's raw name unless told otherwise, and sofia cannot dial a name with a
+        # quote in it: what agents see is set whenever it is not that raw name already
+        shown = protocol.display_name(caller_name if caller_name is not None else self.info.caller_name)
+        if shown and shown != self.session.channel.get("Caller-Caller-ID-Name"):
+            await self._ensure("effective_caller_id_name", shown)
         legs = {str(uuid.uuid4()): n for n in names}
         if strategy == DialStrategy.RINGALL:
             await self._ensure("call_timeout", str(int(timeout)))
@@ -311,8 +315,11 @@ class EslCall(Call):
         return result
 
     def _leg(self, leg_uuid: str, name: str, *, leg_timeout: int = 0) -> str:
+        # shopcall_agent names the agent on the leg itself: its hangup event tells a fallback report (our
+        # process gone mid-bridge) who answered, whatever the endpoint template
         extra = f",leg_timeout={leg_timeout}" if leg_timeout else ""
-        return f"[origination_uuid={leg_uuid}{extra}]" + self.endpoint_template.format(endpoint=name)
+        return f"[origination_uuid={leg_uuid},{AGENT_VARIABLE}={name}{extra}]" + \
+            self.endpoint_template.format(endpoint=name)
 
     def _dial_result(self, ev: Event, legs: dict[str, str]) -> DialResult:
         disposition, status = bridge_status(ev)

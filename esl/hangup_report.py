@@ -15,10 +15,12 @@ FreeSWITCH's event socket is only in FreeSWITCH's own CDR.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
-from esl.call import bridge_status, talk_seconds
+from esl.call import AGENT_VARIABLE, bridge_status, talk_seconds
 from esl.client import open_event_socket
 from esl.protocol import Event
 from esl.routes import call_info
@@ -38,26 +40,32 @@ from shopcall.flows import Flow
 log = logging.getLogger("shopcall.esl.fallback")
 
 FLOW = "fallback"  # the rendered fallback extension sets shopcall_flow to this
+AGENT_LEGS_KEPT = 4096  # agents' legs remembered until their caller's channel hangs up
 
 
 class HungUpCall(Call):
     """A channel that has hung up, as its CHANNEL_HANGUP_COMPLETE describes it. The fallback flow only
     reads it (`last_dial`, `get_var`); a verb that would act on the channel raises CallEnded."""
 
-    def __init__(self, event: Event, info: CallInfo, sounds: SoundSource) -> None:
+    def __init__(self, event: Event, info: CallInfo, sounds: SoundSource,
+                 agents: Mapping[str, str] | None = None) -> None:
         super().__init__(info, sounds)
         self.event = event
+        self.agents = agents or {}  # leg uuid -> agent, from the hangups of agents' legs
         self.ended = True
 
     async def last_dial(self) -> DialResult:
-        """The fallback bridge's outcome. The dialplan unsets the flow's own bridge variables before it
-        bridges, so none left means no bridge ran (the group had no members). Who answered is the other
-        leg's destination number (`user/agent1` rings user agent1), if it is an endpoint name."""
+        """The outcome of the bridge that ran last: the fallback's, or the flow's when our process died
+        during it (the bridge went on without us). The dialplan unsets the flow's bridge variables before the
+        fallback bridges, so none left means no bridge ran (the group had no members). Who answered: the
+        answering leg (last_bridge_to) as its own hangup named it (shopcall_agent on the flow's legs,
+        dialed_user on user/ legs), else the other leg's destination number (`user/agent1`), if either is
+        an endpoint name."""
         ev = self.event
         disposition, status = bridge_status(ev)
         if status != DialStatus.ANSWERED:
             return DialResult(status, None, 0.0, disposition)
-        other = ev.get("Other-Leg-Destination-Number")
+        other = self.agents.get(ev.var("last_bridge_to") or "") or ev.get("Other-Leg-Destination-Number")
         return DialResult(status, other if is_endpoint(other) else None, talk_seconds(ev), disposition)
 
     async def get_var(self, name: str) -> str | None:
@@ -102,16 +110,25 @@ class FallbackReports:
         self.flow = flow
         self.tasks: set[asyncio.Task[None]] = set()
         self.reported = 0
+        # the agents' legs that hung up lately, uuid -> agent: an agent's leg ends before the caller's
+        self.agents: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     def __call__(self, ev: Event) -> None:
-        if ev.name != "CHANNEL_HANGUP_COMPLETE" or ev.var("shopcall_flow") != FLOW:
+        if ev.name != "CHANNEL_HANGUP_COMPLETE":
+            return
+        agent = ev.var(AGENT_VARIABLE) or ev.var("dialed_user")
+        if agent:
+            self.agents[ev.get("Unique-ID")] = agent
+            while len(self.agents) > AGENT_LEGS_KEPT:
+                self.agents.popitem(last=False)
+        if ev.var("shopcall_flow") != FLOW:
             return
         task = asyncio.create_task(self._report(ev), name=f"fallback-report-{ev.get('Unique-ID')}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _report(self, ev: Event) -> None:
-        call = HungUpCall(ev, call_info(ev, FLOW), self.app.prompts)
+        call = HungUpCall(ev, call_info(ev, FLOW), self.app.prompts, self.agents)
         try:
             await self.flow(call, self.app)  # a database that is down spools the row (calllog)
             self.reported += 1

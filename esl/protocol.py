@@ -269,6 +269,22 @@ def app_text(value: str) -> str:
     return text.replace("\\", "/").replace("${", "$ {")
 
 
+def display_name(value: str) -> str:
+    """A caller name for the From display name of a leg sofia dials (effective_caller_id_name). sofia writes
+    it between double quotes without escaping anything, so a `"` or `\\` in it makes a From header it cannot
+    parse ("Error creating HANDLE!") and the leg fails at once: quotes become apostrophes; the rest as
+    app_text."""
+    return app_text(value).replace('"', "'")
+
+
+_SIP_ESCAPE = re.compile(r"\\(.)")
+
+
+def sip_unescape(value: str) -> str:
+    """sofia keeps a quoted display name's escapes (`Иван \\"Ваня\\"`): the name itself, as the caller sent it."""
+    return _SIP_ESCAPE.sub(r"\1", value)
+
+
 def encode_value(value: str) -> str:
     """%-encode a header value the way FreeSWITCH writes plain events (for test peers and round trips)."""
     return quote(value, safe="',/()!*")

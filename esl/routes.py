@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from agi.routes import path_mapper
 from esl.call import AMD_VARIABLE, EslCall
 from esl.modules import Modules
-from esl.protocol import Event
+from esl.protocol import Event, sip_unescape
 from esl.server import Handler
 from esl.session import OutboundSession
 from shopcall.app import App
@@ -29,6 +29,8 @@ def created_at(channel: Event) -> datetime | None:
 def call_info(channel: Event, flow: str) -> CallInfo:
     number = channel.get("Caller-Caller-ID-Number")
     name = channel.get("Caller-Caller-ID-Name")
+    if channel.get("Channel-Name").startswith("sofia/"):  # a SIP display name, escapes and all
+        name = sip_unescape(name)
     dialled = channel.var("shopcall_number") or channel.get("Caller-Destination-Number")
     return CallInfo(
         uniqueid=channel.get("Unique-ID"),

@@ -61,7 +61,7 @@ class EslServer(Listener):
         name = route_name(channel)
         handler = self.routes.get(name)
         if handler is None:
-            # closing hands the call back to the dialplan (socket_resume), which rings the fallback
+            # closing hands the call back to the dialplan after `socket`, which rings the fallback
             log.error("%s: no flow %r (known: %s)", session.tag, name, ", ".join(sorted(self.routes)))
             return
         await handler(session, channel)

@@ -1,8 +1,12 @@
 """One outbound-socket session: FreeSWITCH's `socket` application connected to us for one channel.
 
-We send `connect` (the reply is the whole channel), `myevents` (events of this channel only), `linger`
-(so the hangup events still arrive) and `resume` (when we close the socket of a live channel, the
-dialplan goes on: that is how the fallback group gets the call). Each application runs as `sendmsg
+We send `connect` (the reply is the whole channel), `myevents` (events of this channel only) and `linger`
+(so the hangup events still arrive). Never `resume` (nor socket_resume): with it, FreeSWITCH resets the
+channel when our socket closes (CS_EXECUTE -> CS_RESET), which tears down a bridge in progress, so every
+conversation would end with our process. Without it, a closed socket only ends the `socket` application's
+park once the running application is done: a bridge goes on until a side hangs up, and the dialplan then
+continues after `socket` (the rendered fallback: an answered call is hung up, anything else rings the
+fallback group), as a Dial outlives a dead FastAGI server on Asterisk. Each application runs as `sendmsg
 execute` tagged with an Event-UUID, and completes when the CHANNEL_EXECUTE_COMPLETE with that
 Application-UUID arrives.
 
@@ -69,7 +73,7 @@ class OutboundSession:
         self.uuid = self.channel.get("Unique-ID")
         self.tag = self.conn.tag = self.uuid or self.tag
         self.variables.update(self.channel.variables)
-        for line in ("myevents", f"linger {LINGER_SECONDS}", "resume"):
+        for line in ("myevents", f"linger {LINGER_SECONDS}"):
             reply = await self._request(protocol.command(line))
             if not reply.ok:
                 log.warning("%s: %r answered %r", self.tag, line, reply.reply_text)
@@ -127,7 +131,7 @@ class OutboundSession:
             log.warning("%s: hangup %s answered %r", self.tag, cause, reply.reply_text)
 
     async def close(self) -> None:
-        """Close the socket: a channel still up goes back to the dialplan (we sent `resume`)."""
+        """Close the socket: a channel still up goes on in the dialplan after the `socket` application."""
         self._closing = True
         if self._grace:
             self._grace.cancel()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid as uuidlib
 from collections.abc import Mapping
@@ -173,6 +174,9 @@ class FsPeer:
         return (head + f"Content-Disposition: disconnect\nContent-Length: {len(CLUECON)}\n\n").encode() + CLUECON
 
     def _channel_values(self) -> dict[str, str]:
+        # sofia keeps a SIP display name as it came between the quotes, escapes and all
+        name = self.name.replace("\\", "\\\\").replace('"', '\\"') if self.channel_name.startswith("sofia/") \
+            else self.name
         return {
             "Unique-ID": self.uuid, "Channel-Call-UUID": self.uuid, "Caller-Unique-ID": self.uuid,
             "Channel-Unique-ID": self.uuid, "Channel-Name": self.channel_name,
@@ -180,8 +184,8 @@ class FsPeer:
             "Caller-Caller-ID-Number": self.number, "Caller-Orig-Caller-ID-Number": self.number,
             "Channel-Caller-ID-Number": self.number, "Channel-Orig-Caller-ID-Number": self.number,
             "Caller-ANI": self.number, "Channel-ANI": self.number,
-            "Caller-Caller-ID-Name": self.name, "Caller-Orig-Caller-ID-Name": self.name,
-            "Channel-Caller-ID-Name": self.name, "Channel-Orig-Caller-ID-Name": self.name,
+            "Caller-Caller-ID-Name": name, "Caller-Orig-Caller-ID-Name": name,
+            "Channel-Caller-ID-Name": name, "Channel-Orig-Caller-ID-Name": name,
             "Caller-Destination-Number": self.destination, "Channel-Destination-Number": self.destination,
             "Event-Date-Timestamp": str(int(time.time() * 1e6)),
         }
@@ -394,7 +398,8 @@ class FsPeer:
         braces, _, rest = arg.partition("}") if arg.startswith("{") else ("", "", arg)
         separator = "|" if "|" in rest else ","
         legs = []
-        for leg in rest.split(separator):
+        # as FreeSWITCH does: a separator inside a leg's [...] variables does not split legs
+        for leg in re.split(r"\|(?![^\[]*\])" if separator == "|" else r",(?![^\[]*\])", rest):
             leg_vars, _, target = leg[1:].partition("]") if leg.startswith("[") else ("", "", leg)
             opts = dict(p.split("=", 1) for p in leg_vars.split(",") if "=" in p)
             legs.append((opts.get("origination_uuid", str(uuidlib.uuid4())), target))

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The README's test command (CI runs it through .ci/run). It installs what the tests need — Debian packages,
-# the venv, Debian's Asterisk 22 in a debootstrap root — then runs ruff and every test, slow ones included.
+# the venv, Debian's Asterisk 22 in a debootstrap root, FreeSWITCH 1.10 from ../shared/freeswitch under
+# /opt/freeswitch — then runs ruff and every test, slow ones included, on both PBXes.
 # Downloads are cached under $SHOPCALL_CACHE (default /var/cache/shopcall); an empty cache only costs time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SHOPCALL_CACHE=${SHOPCALL_CACHE:-/var/cache/shopcall}
 export SHOPCALL_ASTERISK_ROOT=${SHOPCALL_ASTERISK_ROOT:-$SHOPCALL_CACHE/asterisk-root}
-export SHOPCALL_REQUIRE_PBX=1   # a missing Asterisk is a failure here, never a skip
+export SHOPCALL_REQUIRE_PBX=1   # a missing Asterisk or FreeSWITCH is a failure here, never a skip
 mkdir -p "$SHOPCALL_CACHE"
 
 step() { printf '\n== %s\n' "$*"; }
@@ -32,6 +33,9 @@ PIP_CACHE_DIR="$SHOPCALL_CACHE/pip" .venv/bin/pip install -q --disable-pip-versi
 
 step "Asterisk root ($SHOPCALL_ASTERISK_ROOT)"
 time scripts/build-asterisk-root.sh "$SHOPCALL_ASTERISK_ROOT"
+
+step "FreeSWITCH"
+time scripts/install-freeswitch.sh
 
 step "ruff"
 .venv/bin/ruff check .

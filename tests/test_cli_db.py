@@ -92,7 +92,9 @@ async def test_render_dialplan_for_freeswitch_hands_calls_to_the_socket_then_the
 
     inbound = actions("shopcall", "shopcall-inbound")
     socket = ("socket", "127.0.0.1:8084 async full")
-    assert inbound.index(("set", "socket_resume=true")) < inbound.index(socket)  # a closed socket goes on
+    # never socket_resume: FreeSWITCH would reset the channel when our socket closes, cutting a bridge; a
+    # closed socket goes on in the dialplan after `socket` all the same
+    assert not any(data.startswith("socket_resume") for _, data in inbound)
     assert inbound.index(("set", "shopcall_flow=inbound")) < inbound.index(socket)
     assert inbound[-1] == ("transfer", "shopcall-fallback XML shopcall")
     fallback = actions("shopcall", "shopcall-fallback")

@@ -202,3 +202,26 @@ async def test_serve_listens_on_the_configured_event_socket(app, conn):  # noqa:
         server.close()
     assert commands[:2] == [b"auth secret\n\n", b"event plain CHANNEL_HANGUP_COMPLETE\n\n"]
     assert (await call_row(conn, UID))["outcome"] == "answered"
+
+
+def agent_leg_hangup(uid: str, agent: str, variable: str = "shopcall_agent") -> bytes:
+    body = (f"Event-Name: CHANNEL_HANGUP_COMPLETE\nUnique-ID: {uid}\nHangup-Cause: NORMAL_CLEARING\n"
+            f"variable_{variable}: {agent}\n\n").encode()
+    return b"Content-Length: %d\nContent-Type: text/event-plain\n\n%s" % (len(body), body)
+
+
+async def test_a_bridge_that_outlived_our_process_names_its_agent_from_the_agents_leg(app, conn):  # noqa: F811
+    # our process died while the flow's bridge ran; it went on, the agent hung up first (their leg's hangup,
+    # with the flow's shopcall_agent, comes before the caller's), then the caller went to the fallback-
+    # answered extension: no other leg is left on the caller's channel to ask
+    answering = "2b2e630f-f09e-45d3-b21d-eab19c94a8c4"  # the captured caller's last_bridge_to
+    reports = await reports_of(app, [agent_leg_hangup(answering, "agent3"),
+                                     hangup_event(flow_dial="ANSWER", agent="")])
+    assert reports.reported == 1
+    row = await call_row(conn, UID)
+    assert (row["outcome"], row["missed"], row["agent"]) == ("answered", False, "agent3"), row
+    # the fallback's own bridge rang user/agent2: FreeSWITCH names it dialed_user on that leg
+    other = "0" * 8 + UID[8:]
+    await reports_of(app, [agent_leg_hangup(answering, "agent2", "dialed_user"),
+                           hangup_event(agent="", uid=other)])
+    assert (await call_row(conn, other))["agent"] == "agent2"

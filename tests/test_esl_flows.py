@@ -360,15 +360,16 @@ async def test_broken_directory_hands_the_call_back_to_the_dialplan(place, pbx, 
     assert out.vars["SHOPCALL_DONE"] == "0"
     row = await call_row(conn, out.uid)
     assert row["outcome"] == "fallback" and "LookupError" in row["route_log"][-1]["error"]
-    if out.peer:  # the channel is left up: closing the socket resumes the dialplan's fallback
-        assert not out.peer.hung_up and "resume" in out.peer.commands
+    if out.peer:  # the channel is left up: closing the socket lets the dialplan go on to its fallback
+        assert not out.peer.hung_up and "resume" not in out.peer.commands
 
 
 AGENTS_SEE = {
     "scripted": 'Иван "Ваня" Петров, ${EXTEN} | & \\',
     "asterisk": 'Иван "Ваня" Петров, ${EXTEN} | & \\',
-    # FreeSWITCH expands ${...} and backslash escapes in application arguments: made inert
-    "freeswitch": 'Иван "Ваня" Петров, $ {EXTEN} | & /',
+    # FreeSWITCH expands ${...} and backslash escapes in application arguments: made inert; and sofia writes
+    # the name between quotes unescaped, so a quote would fail the agent's leg (found on a real FreeSWITCH)
+    "freeswitch": "Иван 'Ваня' Петров, $ {EXTEN} | & /",
 }
 
 
@@ -473,7 +474,7 @@ async def test_freeswitch_dial_sets_the_timeout_on_the_channel_and_keeps_the_cal
     assert len({leg for leg, _ in bridge.legs}) == 2  # our own origination_uuid per leg
     row = await call_row(conn, out.uid)
     assert row["agent"] == "agent2" and row["caller_name"] == "Customer"
-    assert peer.commands[:4] == ["connect", "myevents", "linger 30", "resume"]
+    assert peer.commands[:3] == ["connect", "myevents", "linger 30"]  # never resume: see esl/session.py
     assert peer.commands[-1].startswith("sendmsg")  # SHOPCALL_OUTCOME; then we close and the dialplan hangs up
 
 

@@ -293,7 +293,7 @@ async def test_replay_playback_and_hangup():
     replay, out = await replay_session("outbound_playback", handler)
     ev = out["value"]
     assert ev.get("Application-Response") == "FILE PLAYED" and ev.var("playback_ms") == "200"
-    assert sent_commands(replay) == ["connect", "myevents", "linger 30", "resume", "sendmsg playback",
+    assert sent_commands(replay) == ["connect", "myevents", "linger 30", "sendmsg playback",
                                      "sendmsg hangup"]
     assert out["session"].hangup_cause == "NORMAL_CLEARING"
 
@@ -475,7 +475,7 @@ async def test_application_that_never_completes_times_out():
     async def only_ok(reader, writer):
         await reader.readuntil(b"\n\n")
         writer.write(CONNECT)
-        for _ in range(4):  # myevents, linger, resume, sendmsg: "+OK" to each, no events ever
+        for _ in range(3):  # myevents, linger, sendmsg: "+OK" to each, no events ever
             await reader.readuntil(b"\n\n")
             writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n")
         await reader.read()
@@ -502,7 +502,7 @@ async def test_bare_connect_and_close_and_unknown_messages_leave_the_server_serv
     async def odd(reader, writer):
         await reader.readuntil(b"\n\n")
         writer.write(CONNECT)
-        for _ in range(3):
+        for _ in range(2):  # myevents, linger
             await reader.readuntil(b"\n\n")
             writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n")
         cmd = await reader.readuntil(b"\n\n")

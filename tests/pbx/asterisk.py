@@ -137,6 +137,8 @@ class AsteriskPbx:
     Attributes for tests: sip_port, ami_port, ami_user, ami_secret, agents, full_log, startup_seconds.
     """
 
+    kind = "asterisk"
+
     def __init__(
         self,
         root: Path,

@@ -28,10 +28,11 @@ def free_tcp_port() -> int:
 
 
 class Shopcall:
-    """`shopcall serve --only agi` as its own process, so a test can kill it like a crash would."""
+    """`shopcall serve --only agi` (or `--only esl` for FreeSWITCH) as its own process, so a test can kill it
+    like a crash would; `port` is where that part listens."""
 
-    def __init__(self, config: Path, log: Path, port: int) -> None:
-        self.config, self.log, self.port = config, log, port
+    def __init__(self, config: Path, log: Path, port: int, part: str = "agi") -> None:
+        self.config, self.log, self.port, self.part = config, log, port, part
         self.proc: subprocess.Popen | None = None
 
     def cli(self, *args: str) -> str:
@@ -42,7 +43,7 @@ class Shopcall:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shopcall", "-c", str(self.config), "serve", "--only", "agi"],
+            [sys.executable, "-m", "shopcall", "-c", str(self.config), "serve", "--only", self.part],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO,
         )
         deadline = time.monotonic() + 60
@@ -73,10 +74,11 @@ class Shopcall:
 
 
 def prepare_shopcall(work: Path, pg_url: str, agi_port: int, sections: str = "",
-                     directories: tuple[Path, ...] = ()) -> tuple[Shopcall, Path, Path]:
+                     directories: tuple[Path, ...] = (), pbx: str = "asterisk") -> tuple[Shopcall, Path, Path]:
     """Write WORK/shopcall.toml (shop "Тест", data in WORK/shopcall, the test database, DEBUG logs, plus
-    `sections`), empty the tables, load the test directory (then `directories`) and render the include.
-    Returns the service (not started), the data dir and the include's path."""
+    `sections`), empty the tables, load the test directory (then `directories`) and render the include for
+    `pbx`. Returns the service (not started; on FreeSWITCH `--only esl`, whose port `sections` sets to
+    agi_port too), the data dir and the include's path."""
     data = work / "shopcall"
     data.mkdir(exist_ok=True)
     config = work / "shopcall.toml"
@@ -95,19 +97,20 @@ port = {agi_port}
 level = "DEBUG"
 {sections}
 """, encoding="utf-8")
-    app = Shopcall(config, work / "shopcall.log", agi_port)
+    app = Shopcall(config, work / "shopcall.log", agi_port, "agi" if pbx == "asterisk" else "esl")
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
     for directory in (DIRECTORY, *directories):
         app.cli("db", "load", str(directory))
-    include = data / "asterisk-shopcall.conf"
-    app.cli("render-dialplan", "--pbx", "asterisk", "-o", str(include))
+    include = data / ("asterisk-shopcall.conf" if pbx == "asterisk" else "freeswitch-shopcall.xml")
+    app.cli("render-dialplan", "--pbx", pbx, "-o", str(include))
     return app, data, include
 
 
 @contextlib.contextmanager
 def running(app: Shopcall, pbx) -> Iterator[None]:
-    """`shopcall serve`, then Asterisk (an AsteriskPbx); both stopped after, or if Asterisk fails to start."""
+    """`shopcall serve`, then the PBX (AsteriskPbx, FreeswitchPbx); both stopped after, or if the PBX fails to
+    start."""
     app.start()
     try:
         pbx.start()
