@@ -251,7 +251,10 @@ class EslClient:
         block = "{" + ",".join(f"{k}={v}" for k, v in pairs.items()) + "}"
         watch = self._watches[call_uuid] = ChannelWatch(call_uuid)  # before sending: events may beat the job
         try:
-            job, body = await self.bgapi(f"originate {block}{dial_string} {destination}",
+            # originate splits its arguments at spaces: an application's arguments with a space in them
+            # (`&socket(host:port async full)`) are one argument only when quoted
+            dest = f"'{destination}'" if " " in destination and destination.startswith("&") else destination
+            job, body = await self.bgapi(f"originate {block}{dial_string} {dest}",
                                          timeout=timeout + self.command_timeout)
         except BaseException:
             self._watches.pop(call_uuid, None)

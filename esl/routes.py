@@ -27,8 +27,13 @@ def created_at(channel: Event) -> datetime | None:
 
 
 def call_info(channel: Event, flow: str) -> CallInfo:
-    number = channel.get("Caller-Caller-ID-Number")
-    name = channel.get("Caller-Caller-ID-Name")
+    # a leg we originated (a robot call, an agent's phone rung for a callback): FreeSWITCH flips its caller ID
+    # to the callee's on answer ("Outbound Call" <context>); the one we originated it with, which Asterisk
+    # keeps as the CALLERID of an Originate, stays in the Orig fields
+    cid = "Caller-Orig-Caller-ID-" if channel.get("Caller-Logical-Direction") == "outbound" \
+        and channel.get("Caller-Orig-Caller-ID-Number") else "Caller-Caller-ID-"
+    number = channel.get(cid + "Number")
+    name = channel.get(cid + "Name")
     if channel.get("Channel-Name").startswith("sofia/"):  # a SIP display name, escapes and all
         name = sip_unescape(name)
     dialled = channel.var("shopcall_number") or channel.get("Caller-Destination-Number")

@@ -3,14 +3,14 @@ tests, AgiCall through our FastAGI server (a minimal Asterisk stand-in below), a
 outbound-socket server, driven by a peer that speaks FreeSWITCH's wire format as captured
 (tests/esl_peer.py). Same scenarios, same database checks (a throw-away PostgreSQL).
 
-SHOPCALL_FREESWITCH_ESL=host:port:password adds a run against a real FreeSWITCH (see the last test).
+A real FreeSWITCH (tests/pbx/freeswitch.py) runs the primitives once more at the end: an originated call
+whose answered leg connects to our outbound-socket server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -485,21 +485,27 @@ async def test_freeswitch_cyrillic_caller_name_and_split_reads(app, conn):
     assert row["caller_name"] == 'Мария "Маша" Иванова' and row["agent"] == "agent1"
 
 
-# -- a real FreeSWITCH, when one is there -----------------------------------------------------------------
-
-REAL = os.environ.get("SHOPCALL_FREESWITCH_ESL", "")
+# -- a real FreeSWITCH ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not REAL, reason="SHOPCALL_FREESWITCH_ESL=host:port:password not set: no real FreeSWITCH "
-                    "here (it cannot be installed on these machines); the captured transcripts cover the wire")
-async def test_real_freeswitch_originate_socket_flow_and_hangup():
-    """Originate a call with our uuid whose answered leg runs `socket` back to our server; the flow answers,
-    sets and reads variables (Cyrillic), waits for a key, and hangs up; the client sees answer and hangup.
-    SHOPCALL_FREESWITCH_TARGET (default `loopback/9664/default`) is what gets dialled, and
-    SHOPCALL_FREESWITCH_SOCKET_HOST (default 127.0.0.1) is how FreeSWITCH reaches this test."""
-    host, port, password = REAL.rsplit(":", 2)
-    target = os.environ.get("SHOPCALL_FREESWITCH_TARGET", "loopback/9664/default")
-    back = os.environ.get("SHOPCALL_FREESWITCH_SOCKET_HOST", "127.0.0.1")
+@pytest.fixture(scope="module")
+def real_freeswitch(tmp_path_factory):
+    from tests.pbx.freeswitch import FreeswitchPbx
+    from tests.pbx.stack import require_pbx
+
+    require_pbx("freeswitch")
+    with FreeswitchPbx(tmp_path_factory.mktemp("fs-primitives"), dialplan=ANSWER) as pbx:
+        yield pbx
+
+
+@pytest.mark.parametrize("destination", ["inline", "dialplan"])
+async def test_real_freeswitch_originate_socket_flow_and_hangup(real_freeswitch, destination):
+    """Originate a call with our uuid whose answered leg runs `socket` back to our server, inline
+    (`&socket(host:port async full)`, which originate would split at its spaces unless quoted: FreeSWITCH
+    then refused `linger` on a socket that was neither async nor full) or from the dialplan; the flow sees
+    the caller ID it was originated with (FreeSWITCH flips it to "Outbound Call" on answer), answers, sets
+    and reads variables (Cyrillic), waits for a key, and hangs up; the client sees answer and hangup."""
+    pbx = real_freeswitch
     seen: dict[str, object] = {}
 
     async def flow(session, channel):
@@ -507,23 +513,29 @@ async def test_real_freeswitch_originate_socket_flow_and_hangup():
         from esl.routes import call_info
 
         call = EslCall(session, call_info(channel, "e2e"), PromptNames())
-        seen["name"] = call.info.caller_name
+        seen["caller"] = (call.info.caller_name, call.info.caller_number)
         await call.answer()
         await call.set_var("shopcall_e2e", "Проверка")
         seen["var"] = await call.get_var("shopcall_e2e")
         seen["key"] = await call.collect(None, max_digits=1, timeout=1)
         await call.hangup()
 
-    server = EslServer({"e2e": flow}, host="0.0.0.0" if back != "127.0.0.1" else "127.0.0.1", port=0,
-                       allow=["0.0.0.0/0"])
+    server = EslServer({"e2e": flow}, port=0)
     await server.start()
-    client = EslClient(host, int(port), password, command_timeout=10)
+    if destination == "dialplan":
+        pbx.write_dialplan(pbx_dialplan(server.port))
+        pbx.reload_dialplan()
+        target = "e2e XML e2e"
+    else:
+        target = f"&socket(127.0.0.1:{server.port} async full)"
+    client = EslClient("127.0.0.1", pbx.esl_port, pbx.esl_password, command_timeout=10)
     await client.start()
+    log_start = pbx.full_log.stat().st_size
     try:
         result = await client.originate(
-            target, uuid=str(uuid.uuid4()), timeout=20,
-            variables={"origination_caller_id_name": "Иван Петров", "shopcall_flow": "e2e"},
-            destination=f"&socket({back}:{server.port} async full)")
+            "loopback/answer/public", uuid=str(uuid.uuid4()), timeout=20, destination=target,
+            variables={"origination_caller_id_name": "Иван Петров", "origination_caller_id_number": "74951112233",
+                       "shopcall_flow": "e2e"})
         assert result.ok, result.reply
         assert result.channel is not None
         cause = await asyncio.wait_for(result.channel.hangup, 30)
@@ -531,8 +543,33 @@ async def test_real_freeswitch_originate_socket_flow_and_hangup():
     finally:
         await client.close()
         await server.stop()
-    assert seen == {"name": "Иван Петров", "var": "Проверка", "key": None}
+    log = pbx.full_log.read_bytes()[log_start:].decode("utf-8", "replace")
+    assert seen == {"caller": ("Иван Петров", "74951112233"), "var": "Проверка", "key": None}, pbx.log_tail()
     assert cause == "NORMAL_CLEARING"
+    assert "Flipping CID" in log and "command not found" not in log  # what the test is about
+
+
+# the far end of the loopback channel we originate: it answers and waits for our flow to hang up
+ANSWER = """
+<context name="public">
+  <extension name="answer">
+    <condition field="destination_number" expression="^answer$">
+      <action application="answer"/>
+      <action application="park"/>
+    </condition>
+  </extension>
+</context>"""
+
+
+def pbx_dialplan(port: int) -> str:
+    return ANSWER + f"""
+<context name="e2e">
+  <extension name="e2e">
+    <condition field="destination_number" expression="^e2e$">
+      <action application="socket" data="127.0.0.1:{port} async full"/>
+    </condition>
+  </extension>
+</context>"""
 
 
 # -- EslCall's primitives, one by one, against the peer ---------------------------------------------------

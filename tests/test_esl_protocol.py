@@ -113,6 +113,22 @@ def test_connect_reply_is_url_encoded_and_has_no_content_length():
         "2a89d3b3-cb31-42f2-8a47-387d8cbc337f", "Иван Петров", "9998", "freeswitch")
 
 
+def test_an_originated_leg_keeps_the_caller_id_it_was_originated_with():
+    # FreeSWITCH flips an originated channel's caller ID to the callee's when it answers (seen on 1.10.12:
+    # `Flipping CID from "Иван Петров" <74951112233> to "Outbound Call" <public>`)
+    flipped = Event({"Unique-ID": "u1", "Channel-Name": "loopback/answer-a", "Caller-Logical-Direction": "outbound",
+                     "Caller-Caller-ID-Name": "Outbound Call", "Caller-Caller-ID-Number": "public",
+                     "Caller-Orig-Caller-ID-Name": "Иван Петров", "Caller-Orig-Caller-ID-Number": "74951112233"})
+    info = call_info(flipped, "callback")
+    assert (info.caller_name, info.caller_number) == ("Иван Петров", "74951112233")
+    # a caller's own (inbound) leg: its caller ID as it came, a SIP display name unescaped
+    inbound = Event({"Unique-ID": "u2", "Channel-Name": "sofia/test/79161234567@127.0.0.1",
+                     "Caller-Logical-Direction": "inbound", "Caller-Caller-ID-Name": 'Иван \\"Тест\\" Петров',
+                     "Caller-Caller-ID-Number": "79161234567", "Caller-Orig-Caller-ID-Number": "x"})
+    info = call_info(inbound, "inbound")
+    assert (info.caller_name, info.caller_number) == ('Иван "Тест" Петров', "79161234567")
+
+
 def test_percent_decoding_never_form_decodes():
     assert protocol.pct_decode(b"a+b%2Bc%20d") == "a+b+c d"
     assert protocol.pct_decode(b"%D0%98%D0%B2") == "Ив"
