@@ -218,7 +218,7 @@ class EslCall(Call):
         if self.say_engine != "mod_say" or self.language not in _SAY_CURRENCY or self.session.hung_up \
                 or self.session.conn.closed:
             return False
-        return await self.modules.loaded(self.session.api, f"mod_say_{self.language}",
+        return await self.modules.speaks(self.session.api, self.language,
                                          without=f"freeswitch.say = mod_say speaks {self.language} with our TTS")
 
     async def _say(self, what: str, value: str, *, interruptible: bool = False) -> str | None:

@@ -69,6 +69,7 @@ def _captured_channel() -> dict:
 
 CHANNEL_TEMPLATE = _captured_channel()
 # what a vanilla modules.conf.xml loads among the modules we ask about (mod_say_ru and mod_avmd are not)
+SOUNDS = "/usr/share/freeswitch/sounds"
 VANILLA_MODULES = frozenset({"mod_commands", "mod_dptools", "mod_sndfile", "mod_say_en", "mod_event_socket"})
 # applications of optional modules: FreeSWITCH hangs the channel up (DESTINATION_OUT_OF_ORDER) when told
 # to run one whose module is not loaded ("Invalid Application", switch_core_session.c)
@@ -115,6 +116,7 @@ class FsPeer:
         split: bool = True,
         host: str = "127.0.0.1",
         modules: frozenset[str] | set[str] = VANILLA_MODULES,
+        sounds: frozenset[str] | set[str] = frozenset({"ru", "en"}),
     ) -> None:
         self.host, self.port = host, port
         self.caller = caller or Caller()
@@ -133,6 +135,7 @@ class FsPeer:
         self.late_replies = 0  # "+OK" sent to commands that arrived after the hangup (linger)
         self.answered = False
         self.modules = set(modules)
+        self.sounds = set(sounds)  # languages whose sound pack is installed (say needs its files)
         self.said: list[str] = []  # say arguments a loaded mod_say_* spoke
         self.avmd = False  # mod_avmd's media bug is on the channel
         self.subscribed: list[str] = []  # what `event plain ...` added to myevents
@@ -291,6 +294,14 @@ class FsPeer:
             return self.show_channels()
         if words[0] == "module_exists" and len(words) == 2:
             return "true" if words[1] in self.modules else "false"  # no newline (mod_commands)
+        if words[:2] == ["xml_locate", "languages"] and len(words) == 5 and words[4] in ("ru", "en"):
+            # what vanilla's lang/<ln>/<ln>.xml holds, the pre-processor's $${sounds_dir} expanded
+            return f'<language name="{words[4]}" sound-prefix="{SOUNDS}/{words[4]}">\n</language>\n'
+        if words[0] == "xml_locate":
+            return "can't find anything\n"
+        if words[0] == "file_exists" and len(words) == 2:
+            lang = words[1][len(SOUNDS) + 1:].split("/", 1)[0] if words[1].startswith(SOUNDS + "/") else ""
+            return "true" if lang in self.sounds and words[1].endswith("/digits/1.wav") else "false"
         return f"-ERR {words[0]} Command not found!\n"
 
     def show_channels(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -547,6 +548,80 @@ async def test_real_freeswitch_originate_socket_flow_and_hangup(real_freeswitch,
     assert seen == {"caller": ("Иван Петров", "74951112233"), "var": "Проверка", "key": None}, pbx.log_tail()
     assert cause == "NORMAL_CLEARING"
     assert "Flipping CID" in log and "command not found" not in log  # what the test is about
+
+
+def tone_wav(path: Path, seconds: float = 0.4, hz: int = 440) -> Path:
+    """A short 8 kHz tone: something a real FreeSWITCH can play and log as played."""
+    import math
+    import struct
+    import wave
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * hz * i / 8000)))
+                               for i in range(int(8000 * seconds))))
+    return path
+
+
+@pytest.mark.parametrize("sound_pack", [False, True])
+async def test_real_freeswitch_mod_say_speaks_only_with_its_sound_files(real_freeswitch, tmp_path, sound_pack):
+    """freeswitch.say = "mod_say" on a real FreeSWITCH with mod_say_ru loaded: no sound pack ships with it, and
+    its `say` then plays silence, so the number is said by our TTS prompt; once the pack's files are there,
+    by `say` (the number 42: digits/40 and digits/2)."""
+    from esl.call import EslCall
+    from esl.modules import Modules
+    from esl.routes import call_info
+
+    pbx = real_freeswitch
+    prefix = pbx.sound_prefix("ru")
+    shutil.rmtree(prefix, ignore_errors=True)
+    if sound_pack:
+        for name in ("1", "2", "40"):
+            tone_wav(prefix / "digits" / f"{name}.wav")
+
+    class Tts(PromptNames):  # our TTS, as far as FreeSWITCH can tell: a file it plays
+        async def say_text(self, text: str, lang: str) -> Path:
+            return tone_wav(tmp_path / "tts" / f"{len(text)}.wav").with_suffix("")
+
+    async def flow(session, channel):
+        call = EslCall(session, call_info(channel, "e2e"), Tts(), say="mod_say", modules=Modules())
+        await call.answer()
+        await call.say_number(42)
+        await call.hangup()
+
+    log = await run_real_flow(pbx, flow)
+    said = "EXECUTE [depth=1] loopback/answer-a say(ru number pronounced 42)" in log
+    assert said == sound_pack, log[-3000:]
+    if sound_pack:
+        # mod_say_ru's two files, found under the language's sound-prefix
+        assert "done playing file file_string://digits/40.wav!digits/2.wav" in log, log[-3000:]
+        assert "digits/40.wav" not in "".join(line for line in log.splitlines() if "[ERR]" in line)
+    else:
+        assert f"done playing file {tmp_path}/tts/" in log
+
+
+async def run_real_flow(pbx, flow) -> str:
+    """One originated call into `flow` through the real FreeSWITCH; returns what FreeSWITCH logged meanwhile."""
+    server = EslServer({"e2e": flow}, port=0)
+    await server.start()
+    client = EslClient("127.0.0.1", pbx.esl_port, pbx.esl_password, command_timeout=10)
+    await client.start()
+    log_start = pbx.full_log.stat().st_size
+    try:
+        result = await client.originate("loopback/answer/public", uuid=str(uuid.uuid4()), timeout=20,
+                                        destination=f"&socket(127.0.0.1:{server.port} async full)",
+                                        variables={"shopcall_flow": "e2e"})
+        assert result.ok and result.channel is not None, result.reply
+        await asyncio.wait_for(result.channel.hangup, 30)
+        await asyncio.wait_for(asyncio.gather(*server.active), 10)
+    finally:
+        await client.close()
+        await server.stop()
+    await asyncio.sleep(0.2)  # FreeSWITCH's logger writes behind
+    return pbx.full_log.read_bytes()[log_start:].decode("utf-8", "replace")
 
 
 # the far end of the loopback channel we originate: it answers and waits for our flow to hang up

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from esl.routes import esl_routes
 from shopcall.config import Config, FreeswitchConfig, PathsConfig
-from tests.esl_peer import VANILLA_MODULES, Caller, FsPeer, call_once
+from tests.esl_peer import SOUNDS, VANILLA_MODULES, Caller, FsPeer, call_once
 from tests.scripted import PromptNames
 
 
@@ -156,7 +156,9 @@ async def test_mod_say_speaks_numbers_digits_money_and_dates_in_russian(tmp_path
     assert args_of(peer, "set") == ["playback_terminators=none", "currency=ruble", "timezone=Europe/Moscow",
                                     "currency=dollar"]
     assert tts.texts == [] and args_of(peer, "playback") == []
-    assert [c for c in peer.commands if c.startswith("api")] == ["api module_exists mod_say_ru"]  # asked once
+    assert [c for c in peer.commands if c.startswith("api")] == [  # asked once: the module, its language, a file
+        "api module_exists mod_say_ru", "api xml_locate languages language name ru",
+        f"api file_exists {SOUNDS}/ru/digits/1.wav"]
 
 
 async def test_mod_say_in_english_and_what_it_cannot_say_goes_to_the_tts(tmp_path):
@@ -197,6 +199,20 @@ async def test_a_missing_say_module_falls_back_to_the_tts_and_is_logged_once(tmp
     assert args_of(peer, "say") == [] and tts.texts == ["один", "седьмое января"]
     warned = [r.getMessage() for r in caplog.records if "mod_say_ru" in r.getMessage()]
     assert len(warned) == 1 and "TTS" in warned[0]
+
+
+async def test_mod_say_without_its_sound_files_falls_back_to_the_tts_and_is_logged_once(tmp_path, caplog):
+    # no sound pack ships with FreeSWITCH: its `say` would play silence
+    async def flow(call, app):
+        await call.say_number(1)
+        await call.say_number(2)
+
+    tts = Spoken()
+    peer, _ = await on_route(fs_config(tmp_path, say="mod_say"), flow, prompts=tts,
+                             modules=VANILLA_MODULES | {"mod_say_ru"}, sounds=set())
+    assert args_of(peer, "say") == [] and tts.texts == ["один", "два"]
+    warned = [r.getMessage() for r in caplog.records if "sound files" in r.getMessage()]
+    assert len(warned) == 1 and "TTS" in warned[0] and f"{SOUNDS}/ru" in warned[0], warned
 
 
 async def test_a_key_interrupts_mod_say_like_a_prompt(tmp_path):

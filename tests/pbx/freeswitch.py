@@ -20,6 +20,8 @@ the TLS certificates FreeSWITCH generates at its first start (~5 s, copied from 
   wherever the rendered shopcall XML points.
 - `dialplan`: XML contexts, written as conf/dialplan/test.xml; `includes`: more dialplan files (the rendered
   shopcall XML), each copied into conf/dialplan/ at start and at every reload_dialplan.
+- mod_say_ru and mod_say_en are loaded and their languages configured as vanilla does, but no sound pack is
+  installed (none ships): `sound_prefix(language)` is where a test may put one.
 """
 
 from __future__ import annotations
@@ -135,6 +137,11 @@ class FreeswitchPbx:
     @property
     def recordings_dir(self) -> Path:
         return self._dir("recordings")
+
+    def sound_prefix(self, language: str) -> Path:
+        """Where `say` looks for a language's sound files (vanilla's layout); empty, as no sound pack ships:
+        a test that wants mod_say to speak puts files there (digits/40.wav ...)."""
+        return self._dir("sounds") / {"ru": "ru/RU/elena", "en": "en/us/callie"}[language]
 
     # ---- life ----------------------------------------------------------------------------------------
 
@@ -289,6 +296,10 @@ class FreeswitchPbx:
   </section>
   <section name="directory" description="users">
     <X-PRE-PROCESS cmd="include" data="directory/*.xml"/>
+  </section>
+  <section name="languages" description="what `say` speaks, as vanilla's lang/ru and lang/en set it up">
+    <language name="ru" say-module="ru" sound-prefix="{self.sound_prefix('ru')}"><phrases><macros/></phrases></language>
+    <language name="en" say-module="en" sound-prefix="{self.sound_prefix('en')}"><phrases><macros/></phrases></language>
   </section>
 </document>
 """)
