@@ -1,7 +1,8 @@
 """The fallback report on FreeSWITCH (esl/hangup_report.py): a call the rendered fallback extension rang
 gets its row from its CHANNEL_HANGUP_COMPLETE, read by our inbound event socket client.
 
-No FreeSWITCH runs here (it cannot be installed on these machines), so the 8021 side is a stand-in: its
+The 8021 side is a stand-in here, for outcomes a real call does not produce on demand (the end-to-end
+tests run the report against a real FreeSWITCH: test_e2e_inbound, test_fault_kill_many): its
 handshake replies are the captured ones, and each event is the real CHANNEL_HANGUP_COMPLETE of a bridged
 call (outbound_bridge_ringall, FreeSWITCH 1.11) with the variables our fallback extension sets and, for the
 other outcomes, the bridge variables FreeSWITCH gave in the captured no-answer bridge. The database is a

@@ -258,7 +258,8 @@ class FreeswitchPbx:
     def reload_dialplan(self) -> None:
         self._write_dialplans()
         out = self.api("reloadxml")
-        if "+OK" not in out:
+        # a file that does not parse is "+OK [[error near line N]: ...]" (the old XML stays in use)
+        if not out.startswith("+OK [Success]"):
             raise FreeswitchError(f"reloadxml failed: {out.strip()}")
 
     def log_tail(self, n: int = 80) -> str:
