@@ -172,6 +172,13 @@ class OutboundSession:
         log.info("%s: disconnect notice (%s%s)", self.tag, disposition,
                  f", linger {msg.headers['Linger-Time']} s" if "Linger-Time" in msg.headers else "")
         self.hung_up = True  # both forms mean the channel is gone or being torn down
+        if disposition == "linger":
+            # events still come: FreeSWITCH sends this notice as soon as the channel goes down, and it can
+            # overtake the running application's completion (seen with a bridge the caller hung up on, on a
+            # real 1.10: the agent who had answered was lost from the row); wait for it a short while
+            if self._running and self._grace is None:
+                self._grace = asyncio.get_running_loop().call_later(HANGUP_GRACE, self._release, "hung up")
+            return
         self._release("disconnect notice")
 
     def _on_close(self, reason: str) -> None:

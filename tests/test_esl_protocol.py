@@ -457,6 +457,53 @@ async def raw_peer(port: int, script: Callable[[asyncio.StreamReader, asyncio.St
 CONNECT = received("outbound_cyrillic_menu")[0]
 
 
+async def test_a_linger_notice_before_the_bridges_completion_still_gets_its_outcome():
+    """Seen on a real FreeSWITCH 1.10: the caller hangs up during a bridge an agent had answered, and the
+    linger notice (sent as soon as the channel goes down) overtakes the bridge's EXECUTE_COMPLETE; the
+    completion, with who answered, must still be what the bridge returns."""
+    out: dict[str, object] = {}
+
+    async def route(session, channel):
+        try:
+            out["done"] = await session.execute("bridge", "user/agent1", timeout=5)
+        except Exception as exc:  # noqa: BLE001 (the test reports what it was)
+            out["done"] = exc
+
+    server = EslServer({"": route}, port=0, command_timeout=2)
+    await server.start()
+
+    def event(body: str) -> bytes:
+        raw = body.encode()
+        return b"Content-Length: %d\nContent-Type: text/event-plain\n\n%s" % (len(raw), raw)
+
+    async def peer(reader, writer):
+        await reader.readuntil(b"\n\n")
+        writer.write(CONNECT)
+        for _ in range(2):  # myevents, linger
+            await reader.readuntil(b"\n\n")
+            writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n")
+        cmd = await reader.readuntil(b"\n\n")
+        app_uuid = cmd.split(b"Event-UUID: ")[1].split(b"\n")[0].decode()
+        uid = "2a89d3b3-cb31-42f2-8a47-387d8cbc337f"
+        writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n"
+                     + event(f"Event-Name: CHANNEL_HANGUP\nUnique-ID: {uid}\nHangup-Cause: NORMAL_CLEARING\n\n")
+                     + b"Content-Type: text/disconnect-notice\nControlled-Session-UUID: %s\n"
+                       b"Content-Disposition: linger\nLinger-Time: 30\nContent-Length: 0\n\n" % uid.encode())
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(event(f"Event-Name: CHANNEL_EXECUTE_COMPLETE\nUnique-ID: {uid}\nApplication: bridge\n"
+                           f"Application-UUID: {app_uuid}\nvariable_originate_disposition: SUCCESS\n"
+                           f"variable_last_bridge_to: leg-1\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    await raw_peer(server.port, peer)
+    await asyncio.wait_for(asyncio.gather(*server.active), 5)
+    await server.stop()
+    done = out["done"]
+    assert isinstance(done, Event) and done.var("originate_disposition") == "SUCCESS", done
+
+
 async def test_peer_that_stops_answering_times_out(caplog):
     ran = []
 
