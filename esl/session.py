@@ -1,7 +1,7 @@
 """One outbound-socket session: FreeSWITCH's `socket` application connected to us for one channel.
 
-We send `connect` (the reply is the whole channel), `myevents` (events of this channel only) and `linger`
-(so the hangup events still arrive). Never `resume` (nor socket_resume): with it, FreeSWITCH resets the
+We send `connect` (the reply is the whole channel), `myevents` (events of this channel only) less those
+we never read (`nixevent`), and `linger` (so the hangup events still arrive). Never `resume` (nor socket_resume): with it, FreeSWITCH resets the
 channel when our socket closes (CS_EXECUTE -> CS_RESET), which tears down a bridge in progress, so every
 conversation would end with our process. Without it, a closed socket only ends the `socket` application's
 park once the running application is done: a bridge goes on until a side hangs up, and the dialplan then
@@ -32,6 +32,13 @@ log = logging.getLogger("shopcall.esl")
 CONNECT_TIMEOUT = 5.0  # the connect reply comes at once; a peer that is not FreeSWITCH gets dropped
 HANGUP_GRACE = 3.0  # after CHANNEL_HANGUP, how long the running application may take to report
 LINGER_SECONDS = 30
+# myevents sends every channel event of ours, each with all the channel's variables (~5 KB); a call of our
+# flow made ~46 of them, 26 CHANNEL_EXECUTE alone, and building and parsing them cost FreeSWITCH and us more
+# than the call's own work (bench/e2e_ratio.py --pbx freeswitch). We read the completions, DTMF and hangups.
+UNUSED_EVENTS = ("nixevent CHANNEL_EXECUTE CHANNEL_PARK CHANNEL_UNPARK CHANNEL_STATE CHANNEL_ANSWER "
+                 "CHANNEL_APPLICATION CHANNEL_BRIDGE CHANNEL_UNBRIDGE CHANNEL_CREATE CHANNEL_DATA CHANNEL_DESTROY "
+                 "CHANNEL_ORIGINATE CHANNEL_UUID CHANNEL_OUTGOING CHANNEL_PROGRESS CHANNEL_PROGRESS_MEDIA "
+                 "DETECTED_SPEECH TALK NOTALK")
 _EVENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(::[a-z0-9_]+)?$")  # CHANNEL_ANSWER, CUSTOM, avmd::beep
 
 
@@ -73,7 +80,7 @@ class OutboundSession:
         self.uuid = self.channel.get("Unique-ID")
         self.tag = self.conn.tag = self.uuid or self.tag
         self.variables.update(self.channel.variables)
-        for line in ("myevents", f"linger {LINGER_SECONDS}"):
+        for line in ("myevents", UNUSED_EVENTS, f"linger {LINGER_SECONDS}"):
             reply = await self._request(protocol.command(line))
             if not reply.ok:
                 log.warning("%s: %r answered %r", self.tag, line, reply.reply_text)

@@ -139,6 +139,7 @@ class FsPeer:
         self.said: list[str] = []  # say arguments a loaded mod_say_* spoke
         self.avmd = False  # mod_avmd's media bug is on the channel
         self.subscribed: list[str] = []  # what `event plain ...` added to myevents
+        self.nixed: list[str] = []  # what `nixevent ...` took away
         self._seq = 1000
         self._writer: asyncio.StreamWriter | None = None
 
@@ -265,6 +266,9 @@ class FsPeer:
             await self._write(self.reply(f"+OK will linger {rest} seconds" if rest else "+OK will linger"))
         elif word == "resume":
             await self._write(self.reply("+OK"))
+        elif word == "nixevent":
+            self.nixed += rest.split(" ")
+            await self._write(self.reply("+OK events disabled"))
         elif word == "event":
             self.subscribed += rest.split(" ")[1:]
             await self._write(self.reply("+OK event listener enabled plain"))

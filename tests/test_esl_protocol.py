@@ -19,7 +19,7 @@ from esl.client import EslAuthError, EslClient
 from esl.protocol import EslProtocolError, Event, Message, Parser
 from esl.routes import call_info
 from esl.server import EslServer, route_name
-from esl.session import OutboundSession
+from esl.session import UNUSED_EVENTS, OutboundSession
 from shopcall.call import CallEnded, CallInfo, DialStatus, PbxError
 from tests.esl_peer import CLUECON, Replay, command_key, received
 from tests.scripted import PromptNames
@@ -309,7 +309,7 @@ async def test_replay_playback_and_hangup():
     replay, out = await replay_session("outbound_playback", handler)
     ev = out["value"]
     assert ev.get("Application-Response") == "FILE PLAYED" and ev.var("playback_ms") == "200"
-    assert sent_commands(replay) == ["connect", "myevents", "linger 30", "sendmsg playback",
+    assert sent_commands(replay) == ["connect", "myevents", UNUSED_EVENTS, "linger 30", "sendmsg playback",
                                      "sendmsg hangup"]
     assert out["session"].hangup_cause == "NORMAL_CLEARING"
 
@@ -479,7 +479,7 @@ async def test_a_linger_notice_before_the_bridges_completion_still_gets_its_outc
     async def peer(reader, writer):
         await reader.readuntil(b"\n\n")
         writer.write(CONNECT)
-        for _ in range(2):  # myevents, linger
+        for _ in range(3):  # myevents, nixevent, linger
             await reader.readuntil(b"\n\n")
             writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n")
         cmd = await reader.readuntil(b"\n\n")
@@ -538,7 +538,7 @@ async def test_application_that_never_completes_times_out():
     async def only_ok(reader, writer):
         await reader.readuntil(b"\n\n")
         writer.write(CONNECT)
-        for _ in range(3):  # myevents, linger, sendmsg: "+OK" to each, no events ever
+        for _ in range(4):  # myevents, nixevent, linger, sendmsg: "+OK" to each, no events ever
             await reader.readuntil(b"\n\n")
             writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n")
         await reader.read()
@@ -565,7 +565,7 @@ async def test_bare_connect_and_close_and_unknown_messages_leave_the_server_serv
     async def odd(reader, writer):
         await reader.readuntil(b"\n\n")
         writer.write(CONNECT)
-        for _ in range(2):  # myevents, linger
+        for _ in range(3):  # myevents, nixevent, linger
             await reader.readuntil(b"\n\n")
             writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n")
         cmd = await reader.readuntil(b"\n\n")
