@@ -28,7 +28,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import date, datetime
 from datetime import time as dt_time
@@ -100,6 +100,7 @@ AVMD_BEEP = "avmd::beep"  # mod_avmd's CUSTOM event (Beep-Status: DETECTED); it 
 AMD_SILENCE_FRAMES = 40  # 20 ms frames: 0.8 s of silence after speech ends the wait (AMD's afterGreetingSilence)
 AMD_SPEECH_FRAMES = 5  # 0.1 s of sound before the silence counts
 _AMOUNT = re.compile(r"-?[0-9]{1,9}(\.[0-9]{2})?")
+_MULTISET_DELIMITERS = "|~!;#@"  # multiset splits at one of these that no value holds
 
 
 class EslCall(Call):
@@ -141,9 +142,26 @@ class EslCall(Call):
         return ev
 
     async def _ensure(self, name: str, value: str) -> None:
-        if self._set.get(name) != value:
+        await self._ensure_all({name: value})
+
+    async def _ensure_all(self, values: dict[str, str]) -> None:
+        """Set what is not set to these values already: one `set`, or one `multiset` for several (every
+        application FreeSWITCH runs for us costs a round trip and a completion event carrying all the
+        channel's variables). Names are checked, values already made inert (app_text)."""
+        todo = {name: value for name, value in values.items() if self._set.get(name) != value}
+        if len(todo) == 1:
+            [(name, value)] = todo.items()
             await self._run("set", f"{name}={value}", timeout=self._slack)
-            self._set[name] = value
+        elif todo:
+            # multiset splits at its delimiter (^^X picks X): one that no value holds
+            delimiter = next((d for d in _MULTISET_DELIMITERS if not any(d in v for v in todo.values())), None)
+            if delimiter is None:
+                for name, value in todo.items():
+                    await self._run("set", f"{name}={value}", timeout=self._slack)
+            else:
+                await self._run("multiset", f"^^{delimiter}" + delimiter.join(f"{n}={v}" for n, v in todo.items()),
+                                timeout=self._slack)
+        self._set.update(todo)
 
     def _file(self, sound: Path) -> str:
         """The file of a sound (a base path) FreeSWITCH plays: the first of the formats its mod_sndfile
@@ -269,19 +287,20 @@ class EslCall(Call):
     async def ring(
         self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None
     ) -> DialResult:
-        await self._prepare_bridge()
+        legs = {str(uuid.uuid4()): n for n in names}
+        if strategy == DialStrategy.RINGALL:
+            ring_for = int(timeout)
+            target = ",".join(self._leg(u, n) for u, n in legs.items())
+        else:  # hunt: one after another, each for the timeout
+            ring_for = int(timeout) * len(names)
+            target = "|".join(self._leg(u, n, leg_timeout=int(timeout)) for u, n in legs.items())
+        channel = self._bridge_vars(ring_for)
         # each leg inherits the caller's raw name unless told otherwise, and sofia cannot dial a name with a
         # quote in it: what agents see is set whenever it is not that raw name already
         shown = protocol.display_name(caller_name if caller_name is not None else self.info.caller_name)
         if shown and shown != self.session.channel.get("Caller-Caller-ID-Name"):
-            await self._ensure("effective_caller_id_name", shown)
-        legs = {str(uuid.uuid4()): n for n in names}
-        if strategy == DialStrategy.RINGALL:
-            await self._ensure("call_timeout", str(int(timeout)))
-            target = ",".join(self._leg(u, n) for u, n in legs.items())
-        else:  # hunt: one after another, each for the timeout
-            await self._ensure("call_timeout", str(int(timeout) * len(names)))
-            target = "|".join(self._leg(u, n, leg_timeout=int(timeout)) for u, n in legs.items())
+            channel["effective_caller_id_name"] = shown
+        await self._ensure_all(channel)
         return await self._bridge(target, legs, ring_seconds=timeout * len(names))
 
     async def busy(self, names: list[str]) -> frozenset[str]:
@@ -291,17 +310,20 @@ class EslCall(Call):
         return talking(channels(await self.session.api("show channels as json")), names)
 
     async def dial_number(self, number: str, *, timeout: int = 30) -> DialResult:
-        await self._prepare_bridge()
-        await self._ensure("call_timeout", str(int(timeout)))
+        await self._ensure_all(self._bridge_vars(int(timeout)))
         leg = str(uuid.uuid4())
         target = f"[origination_uuid={leg}]" + self.trunk_template.format(number=check_number(number))
         result = await self._bridge(target, {leg: number}, ring_seconds=timeout)
         return replace(result, answered_endpoint=None)  # an outside number is nobody's endpoint
 
-    async def _prepare_bridge(self) -> None:
-        await self._ensure("continue_on_fail", "true")  # a failed bridge must not hang up the caller
-        await self._ensure("hangup_after_bridge", "false")  # the other side hangs up -> back to the flow
-        await self._ensure("ringback", RINGBACK)
+    @staticmethod
+    def _bridge_vars(ring_seconds: int) -> dict[str, str]:
+        return {
+            "continue_on_fail": "true",  # a failed bridge must not hang up the caller
+            "hangup_after_bridge": "false",  # the other side hangs up -> back to the flow
+            "ringback": RINGBACK,
+            "call_timeout": str(ring_seconds),  # on the channel: FreeSWITCH ignores it inside the bridge's {}
+        }
 
     async def _bridge(self, target: str, legs: dict[str, str], *, ring_seconds: int) -> DialResult:
         started = time.monotonic()
@@ -384,11 +406,17 @@ class EslCall(Call):
             self._recording = ""
 
     async def set_var(self, name: str, value: str) -> None:
-        text = protocol.app_text(value)
-        if text != value:
-            log.warning("%s: value of %s changed to be safe in FreeSWITCH: %r", self.info.uniqueid, name, text)
-        await self._run("set", f"{protocol.check_var(name)}={text}", timeout=self._slack)
-        self._set[name] = text
+        await self.set_vars({name: value})
+
+    async def set_vars(self, values: Mapping[str, str]) -> None:
+        safe = {}
+        for name, value in values.items():
+            text = protocol.app_text(value)
+            if text != value:
+                log.warning("%s: value of %s changed to be safe in FreeSWITCH: %r", self.info.uniqueid, name, text)
+            safe[protocol.check_var(name)] = text
+        self._set = {k: v for k, v in self._set.items() if k not in safe}  # the flow's own: always sent
+        await self._ensure_all(safe)
 
     async def get_var(self, name: str) -> str | None:
         protocol.check_var(name)

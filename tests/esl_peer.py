@@ -365,6 +365,12 @@ class FsPeer:
         self.answered = True
         return [self.event("CHANNEL_ANSWER")], "_none_"
 
+    def _app_multiset(self, arg: str):
+        delimiter, rest = (arg[2], arg[3:]) if arg.startswith("^^") else (" ", arg)
+        for pair in rest.split(delimiter):
+            self._app_set(pair)
+        return [], "_none_"
+
     def _app_set(self, arg: str):
         name, _, value = arg.partition("=")
         if value:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from esl.call import RINGBACK
 from esl.client import EslClient
 from esl.routes import esl_routes
 from esl.server import EslServer
@@ -470,8 +471,11 @@ async def test_freeswitch_dial_sets_the_timeout_on_the_channel_and_keeps_the_cal
     assert bridge.call_timeout == "6"  # set on the channel: inside {} FreeSWITCH ignores it
     assert "call_timeout" not in bridge.braces
     assert peer.vars["continue_on_fail"] == "true" and peer.vars["hangup_after_bridge"] == "false"
-    sets = [arg.split("=")[0] for a, arg in peer.apps if a == "set"]
-    assert sets.index("continue_on_fail") < sets.index("call_timeout")
+    # the channel's bridge variables in one multiset, before the bridge (each application costs a round trip
+    # and a completion event with all the channel's variables)
+    multiset = next(arg for a, arg in peer.apps if a == "multiset" and "continue_on_fail" in arg)
+    assert multiset == f"^^|continue_on_fail=true|hangup_after_bridge=false|ringback={RINGBACK}|call_timeout=6"
+    assert peer.apps.index(("multiset", multiset)) < next(i for i, (a, _) in enumerate(peer.apps) if a == "bridge")
     assert all(target.startswith("user/") for _, target in bridge.legs)  # freeswitch.endpoint_template
     assert len({leg for leg, _ in bridge.legs}) == 2  # our own origination_uuid per leg
     row = await call_row(conn, out.uid)
@@ -479,6 +483,7 @@ async def test_freeswitch_dial_sets_the_timeout_on_the_channel_and_keeps_the_cal
     # never resume (see esl/session.py); the events we never read are turned off
     assert peer.commands[:4] == ["connect", "myevents", UNUSED_EVENTS, "linger 30"]
     assert peer.commands[-1].startswith("sendmsg")  # SHOPCALL_OUTCOME; then we close and the dialplan hangs up
+    assert peer.apps[-1] == ("multiset", "^^|SHOPCALL_DONE=1|SHOPCALL_OUTCOME=answered")
 
 
 async def test_freeswitch_cyrillic_caller_name_and_split_reads(app, conn):
