@@ -6,6 +6,11 @@ whose a channel is). The phone is rung with
 ringing phone's early media must not count as an answer) the robot context hands the leg to our
 outbound-socket server, whose callback flow reads the request's id from shopcall_arg_id and the agent from
 dialed_user (set here too, for an endpoint_template other than user/).
+
+When an originated leg enters the dialplan FreeSWITCH "flips" its caller ID to its callee ID ("Outbound Call"
+<agent1> unless told otherwise), and the customer's leg the flow bridges inherits it: the customer was shown
+the agent's endpoint name. The callee ID is set to the caller ID the agent sees, so the leg keeps it after
+the flip and the customer is shown what Asterisk shows (the Originate's CallerID stays on the agent's leg).
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class FreeswitchAgentPhones:
             "dialed_user": user,
             "origination_caller_id_number": number,
             "origination_caller_id_name": name,
+            # what the leg's caller ID becomes once answered (the flip), so what the customer is shown
+            "origination_callee_id_number": number,
+            "origination_callee_id_name": name,
         }
         return await originate_outcome(self.client, self.endpoint_template.format(endpoint=user), variables=variables,
                                        timeout=ring_seconds, destination=self.destination)

@@ -103,7 +103,9 @@ async def test_a_request_rings_a_free_agent_through_the_event_socket(app, loaded
     assert sent[0].endswith(
         ",originate_timeout=20,ignore_early_media=true,"
         f"shopcall_arg_id={answered},dialed_user=agent2,origination_caller_id_number={CUSTOMER},"
-        f"origination_caller_id_name='Callback {CUSTOMER}'}}user/agent2 callback XML shopcall-robot\n\n")
+        f"origination_caller_id_name='Callback {CUSTOMER}',origination_callee_id_number={CUSTOMER},"
+        # the leg's caller ID after FreeSWITCH flips it on answer: what the customer's leg inherits
+        f"origination_callee_id_name='Callback {CUSTOMER}'}}user/agent2 callback XML shopcall-robot\n\n")
     row = await request(loaded, answered)
     # answered: the flow on the agent's leg owns the request now
     assert (row["status"], row["agent_endpoint"], row["last_result"]) == ("in_progress", "agent2", "agent_answered")
