@@ -457,6 +457,18 @@ async def raw_peer(port: int, script: Callable[[asyncio.StreamReader, asyncio.St
 CONNECT = received("outbound_cyrillic_menu")[0]
 
 
+async def first_execute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    """FreeSWITCH's side of a session's start (the captured connect reply, "+OK" to myevents, nixevent and
+    linger), up to our first `sendmsg execute`, not answered yet; returns its Event-UUID."""
+    await reader.readuntil(b"\n\n")
+    writer.write(CONNECT)
+    for _ in range(3):
+        await reader.readuntil(b"\n\n")
+        writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n")
+    cmd = await reader.readuntil(b"\n\n")
+    return cmd.split(b"Event-UUID: ")[1].split(b"\n")[0].decode()
+
+
 async def test_a_linger_notice_before_the_bridges_completion_still_gets_its_outcome():
     """Seen on a real FreeSWITCH 1.10: the caller hangs up during a bridge an agent had answered, and the
     linger notice (sent as soon as the channel goes down) overtakes the bridge's EXECUTE_COMPLETE; the
@@ -477,13 +489,7 @@ async def test_a_linger_notice_before_the_bridges_completion_still_gets_its_outc
         return b"Content-Length: %d\nContent-Type: text/event-plain\n\n%s" % (len(raw), raw)
 
     async def peer(reader, writer):
-        await reader.readuntil(b"\n\n")
-        writer.write(CONNECT)
-        for _ in range(3):  # myevents, nixevent, linger
-            await reader.readuntil(b"\n\n")
-            writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n")
-        cmd = await reader.readuntil(b"\n\n")
-        app_uuid = cmd.split(b"Event-UUID: ")[1].split(b"\n")[0].decode()
+        app_uuid = await first_execute(reader, writer)
         uid = "2a89d3b3-cb31-42f2-8a47-387d8cbc337f"
         writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n"
                      + event(f"Event-Name: CHANNEL_HANGUP\nUnique-ID: {uid}\nHangup-Cause: NORMAL_CLEARING\n\n")
@@ -563,13 +569,7 @@ async def test_bare_connect_and_close_and_unknown_messages_leave_the_server_serv
     await raw_peer(server.port, lambda r, w: asyncio.sleep(0))  # connect and close at once
 
     async def odd(reader, writer):
-        await reader.readuntil(b"\n\n")
-        writer.write(CONNECT)
-        for _ in range(3):  # myevents, nixevent, linger
-            await reader.readuntil(b"\n\n")
-            writer.write(b"Content-Type: command/reply\nReply-Text: +OK\n\n")
-        cmd = await reader.readuntil(b"\n\n")
-        event_uuid = cmd.split(b"Event-UUID: ")[1].split(b"\n")[0].decode()
+        event_uuid = await first_execute(reader, writer)
         body = (b"Event-Name: SOMETHING_NEW\nUnique-ID: x\n\n")
         done = (f"Event-Name: CHANNEL_EXECUTE_COMPLETE\nApplication: answer\nApplication-Response: _none_\n"
                 f"Application-UUID: {event_uuid}\n\n").encode()
