@@ -139,7 +139,8 @@ class AgiCall(Call):
         return digits or None
 
     async def ring(
-        self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None
+        self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None,
+        caller_number: str | None = None,
     ) -> DialResult:
         # the agents' legs inherit the caller's name as Asterisk holds it: a PJSIP display name keeps its
         # escapes there (`\\"`), which PJSIP would escape again, so agents saw backslashes; set it
@@ -147,6 +148,8 @@ class AgiCall(Call):
         shown = caller_name if caller_name is not None else self.info.caller_name
         if shown and shown != self.info.extra.get("agi_calleridname", shown):
             await self.set_var("CALLERID(name)", shown)
+        if caller_number is not None:  # an originated channel keeps the Originate's caller ID otherwise
+            await self.set_var("CALLERID(num)", caller_number)
         if strategy == DialStrategy.RINGALL:
             return await self._dial_once(names, timeout)
         result = DialResult(DialStatus.NOANSWER)

@@ -285,7 +285,8 @@ class EslCall(Call):
         return ev.var(DIGITS_VAR) or None
 
     async def ring(
-        self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None
+        self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None,
+        caller_number: str | None = None,
     ) -> DialResult:
         legs = {str(uuid.uuid4()): n for n in names}
         if strategy == DialStrategy.RINGALL:
@@ -300,6 +301,8 @@ class EslCall(Call):
         shown = protocol.display_name(caller_name if caller_name is not None else self.info.caller_name)
         if shown and shown != self.session.channel.get("Caller-Caller-ID-Name"):
             channel["effective_caller_id_name"] = shown
+        if caller_number is not None:
+            channel["effective_caller_id_number"] = caller_number
         await self._ensure_all(channel)
         return await self._bridge(target, legs, ring_seconds=timeout * len(names))
 

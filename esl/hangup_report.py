@@ -83,7 +83,7 @@ class HungUpCall(Call):
     async def collect(self, sound: Path | None, *, max_digits: int, timeout: float) -> str | None:
         return await self._gone()
 
-    async def ring(self, names, *, strategy, timeout, caller_name) -> DialResult:
+    async def ring(self, names, *, strategy, timeout, caller_name, caller_number=None) -> DialResult:
         return await self._gone()
 
     async def busy(self, names: list[str]) -> frozenset[str]:

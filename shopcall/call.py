@@ -160,17 +160,22 @@ class Call(abc.ABC):
         strategy: DialStrategy = DialStrategy.RINGALL,
         timeout: int = 20,
         caller_name: str | None = None,
+        caller_number: str | None = None,
     ) -> DialResult:
         """Ring our endpoints by name. The names are checked here, once for every PBX, so nothing that is
-        not an endpoint name can reach a dial string."""
+        not an endpoint name can reach a dial string. `caller_name` and `caller_number` are what the agents'
+        phones show instead of the channel's own (a robot call shows the customer, not the campaign's)."""
         names = [check_endpoint(e) for e in endpoints]
         if not names:
             return DialResult(DialStatus.FAILED, detail="no endpoints")
-        return await self.ring(names, strategy=strategy, timeout=timeout, caller_name=caller_name)
+        number = check_number(caller_number) if caller_number is not None else None
+        return await self.ring(names, strategy=strategy, timeout=timeout, caller_name=caller_name,
+                               caller_number=number)
 
     @abc.abstractmethod
     async def ring(
-        self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None
+        self, names: list[str], *, strategy: DialStrategy, timeout: int, caller_name: str | None,
+        caller_number: str | None = None,
     ) -> DialResult:
         """Ring validated endpoint names (at least one) with the strategy; the PBX's part of `dial`."""
 

@@ -84,10 +84,12 @@ class ScriptedCall(Call):
         return self.keys.pop(0) if self.keys else None
 
     async def ring(self, names: list[str], *, strategy: DialStrategy, timeout: int,
-                   caller_name: str | None) -> DialResult:
+                   caller_name: str | None, caller_number: str | None = None) -> DialResult:
         self._do("dial", list(names), str(strategy), timeout)
         if caller_name is not None:
             self.vars["CALLERID(name)"] = caller_name
+        if caller_number is not None:
+            self.vars["CALLERID(num)"] = caller_number
         return self.dial_results.pop(0) if self.dial_results else DialResult(DialStatus.NOANSWER)
 
     async def busy(self, names: list[str]) -> frozenset[str]:

@@ -80,6 +80,29 @@ async def test_the_robot_dialogue_runs_unchanged_over_the_event_socket(app, conn
     assert (row["pbx"], row["direction"], row["uniqueid"]) == ("freeswitch", "outbound", d.uniqueid)
 
 
+async def test_an_operator_the_robot_rings_sees_the_customers_number(app, conn):  # noqa: F811
+    """The customer says no to the order: the robot rings sales, showing the operators the customer's number
+    and the robot's name in FreeSWITCH's own variables (the flow once set Asterisk's CALLERID(num), which no
+    FreeSWITCH variable can be named: it failed every operator call on FreeSWITCH)."""
+    from esl.routes import esl_routes
+    from shopcall.flows.outbound import outbound
+    app = replace(app, prompts=HashedTexts())
+    await conn.execute("UPDATE campaigns SET pbx = 'freeswitch', caller_id = '74950001122'")
+    await event(app.pool, type="order_created", phone="+79161234567", order_number="fs-2", items=[{"name": "Шкаф"}])
+    [d] = await dialler.claim(app.pool, app.config, now=WED_NOON, worker="fs")
+    peer = await call_once(esl_routes(app, {"outbound": outbound}), Caller(keys=["2"], answers=["agent1"]),
+                           number=d.phone, name="Outbound Call", destination="outbound", uuid=d.uniqueid,
+                           variables={"shopcall_flow": "outbound", "shopcall_arg_attempt": str(d.attempt_id)})
+    job = await (await conn.execute("SELECT * FROM dial_jobs WHERE id = %s", (d.job_id,))).fetchone()
+    att = await (await conn.execute("SELECT * FROM dial_attempts WHERE id = %s", (d.attempt_id,))).fetchone()
+    assert (job["status"], job["result"], att["detail"]["operator"]) == ("done", "not_confirmed", "agent1")
+    [bridge] = peer.bridges
+    assert [t for _, t in bridge.legs] == ["user/agent1"]
+    assert peer.vars["effective_caller_id_name"] == "[Робот order_confirmation]"
+    assert peer.vars["effective_caller_id_number"] == "+79161234567"
+    assert not [arg for a, arg in peer.apps if a in ("set", "multiset") and "CALLERID" in arg]
+
+
 # -- AMD: a campaign's amd on FreeSWITCH, with mod_avmd where it is loaded ---------------------------------
 
 

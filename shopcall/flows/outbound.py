@@ -124,10 +124,11 @@ class Robot:
         """Ring the campaign's operators; nobody free or nobody answering leaves a callback request."""
         group = await self.app.directory.group(self.d.campaign.group_name) if self.d.campaign.group_name else None
         if group is not None and group.members:
-            await self.call.set_var("CALLERID(num)", self.d.job["phone"])
+            # the operators see the customer's number, not the campaign's the channel was originated with
             result = await self.call.dial([m.endpoint for m in group.members], strategy=group.dial_strategy,
                                           timeout=group.ring_timeout,
-                                          caller_name=presentable(f"[Робот {self.d.campaign.name}]"))
+                                          caller_name=presentable(f"[Робот {self.d.campaign.name}]"),
+                                          caller_number=self.d.job["phone"])
             self.rec.step("dial", status=str(result.status), answered=result.answered_endpoint, detail=result.detail)
             if result.status == DialStatus.ANSWERED:
                 self.rec.answered_endpoint = result.answered_endpoint

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from .rtp_pcap import RtpStream, speech_ulaw
-from .sipp import SippAgent, _ms, _render
+from .rtp_pcap import RtpStream, silence_ulaw, speech_ulaw, tone_ulaw
+from .sipp import SippAgent, _ms, _render, sipp_literal
 
 Mode = Literal["answer", "busy", "ring"]
 
@@ -84,7 +84,7 @@ _ANSWER = """  <label id="answer"/>
       [last_Call-ID:]
       [last_CSeq:]
       Contact: <sip:customer@[local_ip]:[local_port];transport=[transport]>
-      Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO
+{asserted}      Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO
       Content-Type: application/sdp
       Content-Length: [len]
 
@@ -157,16 +157,19 @@ _ANSWER = """  <label id="answer"/>
 
 class Customers(SippAgent):
     """mode "answer": ring `ring_seconds`, answer, press `keys` [(seconds after the answer, key)], say
-    `speech` (an answering machine's greeting) right after answering, hang up `hang_up_after` seconds after
-    the last key unless the PBX hangs up first. "busy": 486 at once. "ring": ring until CANCELled.
-    Starting, stopping and the event log are SippAgent's; only the scenario differs."""
+    `speech` (an answering machine's greeting) right after answering, then, with `beep` (seconds), a
+    voicemail's beep (1000 Hz) and the silence of its recording, hang up `hang_up_after` seconds after
+    the last key unless the PBX hangs up first; `asserted` goes in the 200 OK as P-Asserted-Identity, as a
+    carrier asserts whom the call reached ('"Carrier" <sip:89160000000@127.0.0.1>'). "busy": 486 at once.
+    "ring": ring until CANCELled. Starting, stopping and the event log are SippAgent's; only the scenario differs."""
 
     def __init__(self, user: str, port: int, *, work_dir: Path, mode: Mode = "answer", ring_seconds: float = 0.5,
                  keys: Sequence[tuple[float, str]] = (), hang_up_after: float = 60.0, speech: str | None = None,
-                 media_port: int | None = None) -> None:
+                 beep: float = 0.0, asserted: str | None = None, media_port: int | None = None) -> None:
         super().__init__(user, port, work_dir=work_dir, media_port=media_port)
         self.mode = mode
         self.ring_seconds, self.keys, self.hang_up_after, self.speech = ring_seconds, list(keys), hang_up_after, speech
+        self.beep, self.asserted = beep, asserted
         self.base = self.scenario.with_suffix("")
 
     def render_scenario(self) -> str:
@@ -177,8 +180,11 @@ class Customers(SippAgent):
         else:
             stream = RtpStream()
             actions, at = [], 0.0
-            if self.speech:
-                pcap = stream.speech(Path(f"{self.base}-speech.pcap"), speech_ulaw(self.speech))
+            audio = speech_ulaw(self.speech) if self.speech else b""
+            if self.beep:  # a short pause, the beep, then 3 s of the machine recording silence
+                audio += silence_ulaw(0.2) + tone_ulaw(1000, self.beep) + silence_ulaw(3.0)
+            if audio:
+                pcap = stream.speech(Path(f"{self.base}-speech.pcap"), audio)
                 actions.append(f'  <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>\n')
             for i, (when, key) in enumerate(self.keys):
                 pcap = stream.dtmf(Path(f"{self.base}-key{i}.pcap"), key)
@@ -188,7 +194,9 @@ class Customers(SippAgent):
                     f'  <nop><action><log message="KEY {key} [call_id]"/><exec play_pcap_audio="{pcap}"/></action></nop>\n')
                 at = when
             ring = _CANCELLED.format(timeout=f' timeout="{_ms(self.ring_seconds)}" ontimeout="answer"')
-            steps = _RING + ring + _ANSWER.format(steps="".join(actions), wait_bye=_ms(self.hang_up_after))
+            asserted = f"      P-Asserted-Identity: {sipp_literal(self.asserted)}\n" if self.asserted else ""
+            steps = _RING + ring + _ANSWER.format(steps="".join(actions), wait_bye=_ms(self.hang_up_after),
+                                                  asserted=asserted)
         # SIPp refuses variables that are set and never used: From/To are kept only for the customer's BYE
         parties = "" if self.mode != "answer" else (
             '      <ereg regexp="[^ ].*" search_in="hdr" header="From:" assign_to="remote_party"/>\n'

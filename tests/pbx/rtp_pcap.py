@@ -4,11 +4,12 @@ SIPp replays a pcap's RTP byte for byte. The stock dtmf_2833_<d>.pcap files all 
 timestamp, and Asterisk drops an RFC 4733 event whose timestamp equals the previous event's as a
 duplicate: a second digit in one call was never seen. Here every digit gets its own timestamp and
 sequence numbers. Speech (G.711 µ-law, payload type 0) gives the agents something to say, so that a
-recording has audio in it.
+recording has audio in it; a tone after it is a voicemail's beep, for FreeSWITCH's mod_avmd to hear.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import struct
@@ -88,3 +89,22 @@ def speech_ulaw(text: str, voice: str = "en-us") -> bytes:
     wav = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], capture_output=True, check=True).stdout
     return subprocess.run(["sox", "-t", "wav", "-", "-r", "8000", "-c", "1", "-t", "ul", "-"], input=wav,
                           capture_output=True, check=True).stdout
+
+
+def ulaw_byte(sample: int) -> int:
+    """G.711 µ-law of one 16-bit linear sample (the standard's bias-and-segment encoding)."""
+    sign = 0x80 if sample < 0 else 0
+    magnitude = min(abs(sample), 32635) + 0x84
+    exponent = max(0, magnitude.bit_length() - 8)  # the segment: where the highest bit above the bias is
+    mantissa = (magnitude >> (exponent + 3)) & 0x0F
+    return ~(sign | (exponent << 4) | mantissa) & 0xFF
+
+
+def tone_ulaw(hz: float, seconds: float, *, level: float = 0.5) -> bytes:
+    """A sine tone as raw µ-law at 8 kHz, `level` of full scale (a voicemail's beep: 1000 Hz, ~0.5 s)."""
+    n = int(seconds * 8000)
+    return bytes(ulaw_byte(round(level * 32767 * math.sin(2 * math.pi * hz * i / 8000))) for i in range(n))
+
+
+def silence_ulaw(seconds: float) -> bytes:
+    return b"\xff" * int(seconds * 8000)  # µ-law's zero

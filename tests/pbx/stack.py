@@ -136,6 +136,7 @@ esl_port = {pbx.esl_port}
 esl_password = "{pbx.esl_password}"
 context = "{FS_CONTEXT}"
 report_fallback = true
+dialler_enabled = true  # as AMI lets a dialler dial on Asterisk: `serve --only dialler` dials here
 trunk_template = "sofia/test/sip:{{number}}@127.0.0.1:{trunk_port}"
 """
 
