@@ -149,18 +149,18 @@ class EslCall(Call):
         application FreeSWITCH runs for us costs a round trip and a completion event carrying all the
         channel's variables). Names are checked, values already made inert (app_text)."""
         todo = {name: value for name, value in values.items() if self._set.get(name) != value}
-        if len(todo) == 1:
-            [(name, value)] = todo.items()
-            await self._run("set", f"{name}={value}", timeout=self._slack)
-        elif todo:
-            # multiset splits at its delimiter (^^X picks X): one that no value holds
-            delimiter = next((d for d in _MULTISET_DELIMITERS if not any(d in v for v in todo.values())), None)
-            if delimiter is None:
-                for name, value in todo.items():
-                    await self._run("set", f"{name}={value}", timeout=self._slack)
-            else:
-                await self._run("multiset", f"^^{delimiter}" + delimiter.join(f"{n}={v}" for n, v in todo.items()),
-                                timeout=self._slack)
+        # multiset splits at its delimiter (^^X picks X: one that no value holds) and takes quotes as
+        # grouping, dropping them (an agent saw `Мария Маша` for `Мария 'Маша'`): such values go one by one
+        together = {n: v for n, v in todo.items() if "'" not in v and '"' not in v}
+        delimiter = next((d for d in _MULTISET_DELIMITERS if not any(d in v for v in together.values())), None)
+        if len(together) > 1 and delimiter is not None:
+            await self._run("multiset", f"^^{delimiter}" + delimiter.join(f"{n}={v}" for n, v in together.items()),
+                            timeout=self._slack)
+        else:
+            together = {}
+        for name, value in todo.items():
+            if name not in together:
+                await self._run("set", f"{name}={value}", timeout=self._slack)
         self._set.update(todo)
 
     def _file(self, sound: Path) -> str:

@@ -368,7 +368,8 @@ class FsPeer:
     def _app_multiset(self, arg: str):
         delimiter, rest = (arg[2], arg[3:]) if arg.startswith("^^") else (" ", arg)
         for pair in rest.split(delimiter):
-            self._app_set(pair)
+            # as FreeSWITCH's argument splitting does (seen on 1.10): quotes group, and are dropped
+            self._app_set(pair.replace("'", "").replace('"', ""))
         return [], "_none_"
 
     def _app_set(self, arg: str):
