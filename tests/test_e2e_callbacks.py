@@ -6,8 +6,9 @@ request done. A click to call goes the same way from the HTTP API (also in this 
 own callback worker is off: the test's rounds are the only ones.
 
 The PBXes differ on the way, not in the outcome: Asterisk re-INVITEs the agent's phone once the customer
-answers (see Phone); FreeSWITCH flips the agent's leg's caller ID on answer (esl/agent_phones.py sets what
-it flips to) and tells whose phone is busy from a listing that lags its channels (see until_free)."""
+answers (a connected-line update, which the agents' SIPp phones answer); FreeSWITCH flips the agent's leg's
+caller ID on answer (esl/agent_phones.py sets what it flips to) and tells whose phone is busy from a listing
+that lags its channels (see until_free)."""
 
 from __future__ import annotations
 
@@ -83,58 +84,8 @@ def dbc(stack: Stack) -> Iterator[psycopg.Connection]:
         yield conn
 
 
-# A re-INVITE in the call, answered with our SDP again; then back to waiting for the BYE
-_REINVITE = """
-  <label id="reinvite"/>
-  <send>
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Contact: <sip:{user}@[local_ip]:[local_port];transport=[transport]>
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=user1 53655765 2353687638 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0 101
-      a=rtpmap:0 PCMU/8000
-      a=rtpmap:101 telephone-event/8000
-      a=fmtp:101 0-15
-      a=sendrecv
-    ]]>
-  </send>
-  <recv request="ACK" next="talk"/>
-
-"""
-
-
-class Phone(SippAgent):
-    """A SIPp phone that, as a real one does, answers a re-INVITE during the call. Asterisk sends the agent's
-    leg one when the customer answers (a connected-line update, in its P-Asserted-Identity; FreeSWITCH sends
-    none); tests/sipp/uas_agent.xml aborts the call on it, which left the PBX's leg up and its re-INVITE
-    retransmitted for 32 s to the next test's phone on the same port, counted there as a call."""
-
-    def render_scenario(self) -> str:
-        text = super().render_scenario()
-        talk, bye = '<label id="talk"/>\n', '  <label id="agent_bye"/>'
-        assert text.count(talk) == text.count(bye) == 1, "tests/sipp/uas_agent.xml changed: see Phone"
-        # SIPp times a wait by its first message, the optional one here: it takes the agent's hang-up time
-        hangup = re.search(r'<recv request="BYE"( timeout="\d+" ontimeout="agent_bye")?/>', text.split(talk)[1])
-        assert hangup, "tests/sipp/uas_agent.xml changed: see Phone"
-        reinvite = f'  <recv request="INVITE" optional="true" next="reinvite"{hangup.group(1) or ""}/>\n'
-        text = text.replace(talk, talk + reinvite)
-        return text.replace(bye, _REINVITE.format(user=self.user) + bye)
-
-
 async def phone(stack: Stack, name: str, **behaviour) -> SippAgent:
-    agent = Phone(name, stack.pbx.agents[name], work_dir=stack.work, **behaviour)
+    agent = SippAgent(name, stack.pbx.agents[name], work_dir=stack.work, **behaviour)
     await agent.start()
     return agent
 

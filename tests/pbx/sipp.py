@@ -380,10 +380,11 @@ class SippAgent:
             ring = '  <recv request="CANCEL"/>\n'
         else:
             ring = f'  <recv request="CANCEL" timeout="{_ms(self.answer_after)}" ontimeout="answer"/>\n'
-        if self.hangup_after is None:
-            talk = '  <recv request="BYE"/>\n'
-        else:
-            talk = f'  <recv request="BYE" timeout="{_ms(self.hangup_after)}" ontimeout="agent_bye"/>\n'
+        # SIPp times a wait by its first message (the optional re-INVITE here): both carry the hang-up time,
+        # which a re-INVITE starts again
+        wait = f' timeout="{_ms(self.hangup_after)}" ontimeout="agent_bye"' if self.hangup_after is not None else ""
+        talk = (f'  <label id="talk_wait"/>\n  <recv request="INVITE" optional="true" next="reinvite"{wait}/>\n'
+                f'  <recv request="BYE"{wait}/>\n')
         if self.says:
             pcap = RtpStream().speech(self.scenario.with_suffix(".speech.pcap"), speech_ulaw(self.says))
             talk = f'  <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>\n' + talk
