@@ -1,6 +1,7 @@
-"""Test harness for a real PBX: Debian's Asterisk in a debootstrap root (asterisk.py) and SIPp (sipp.py).
+"""Test harness for a real PBX: Debian's Asterisk in a debootstrap root (asterisk.py), FreeSWITCH under
+/opt/freeswitch (freeswitch.py), SIPp (sipp.py), and one end-to-end stack on either (stack.py).
 
-See /work/shared/docs/real-pbx-harness.md and scripts/build-asterisk-root.sh.
+See /work/shared/docs/real-pbx-harness.md, scripts/build-asterisk-root.sh and scripts/install-freeswitch.sh.
 """
 
 from .asterisk import DEFAULT_ROOT, AsteriskPbx, PbxError, root_is_ready
@@ -24,13 +25,6 @@ __all__ = [
 def require_asterisk_root() -> None:
     """Skip a PBX test when no Asterisk root is built, but fail it when SHOPCALL_REQUIRE_PBX is set (CI):
     there, a missing PBX must never pass as a skip."""
-    import os
+    from .stack import require_pbx
 
-    import pytest
-
-    if root_is_ready(DEFAULT_ROOT):
-        return
-    msg = f"no Asterisk root at {DEFAULT_ROOT}: run scripts/build-asterisk-root.sh {DEFAULT_ROOT}"
-    if os.environ.get("SHOPCALL_REQUIRE_PBX"):
-        pytest.fail(msg + " (SHOPCALL_REQUIRE_PBX is set)")
-    pytest.skip(msg)
+    require_pbx("asterisk")
